@@ -1,0 +1,328 @@
+"""Fed-MoE (IJCAI 2025): client models fused into a server mixture of experts by relevance.
+
+One round (DESIGN.md §2, the paper's Algorithm 1):
+
+* Stage A — sampled clients train locally (the engine's executor).
+* Stage B — P[c, j] = confidence of client c on probe sample j. For t = 1..T: Q = gate
+  probabilities on the probe set; R = Q^T P^T (K x m); W_r = softmax_row(R / tau);
+  E_e <- (1 - lam) E_e + lam sum_c W_r[e, c] M_c; E_0 <- (1 - lam) E_0 + lam sum_c p_c M_c;
+  then the gate (G, G_n, alpha) trains on D_s with the server loss, and the state with the best
+  validation loss is kept.
+* Stage C — S = Q^T P^T with the updated gate; W_c = softmax_col([(1 - alpha) 1; alpha S]);
+  M_i <- lam M_i + (1 - lam) (W_c[0, i] E_0 + sum_e W_c[e, i] E_e).
+
+Every behaviour of the released code that can change a number is an option (``... | code``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fedmoe.algorithms.base import Algorithm, ClientPlan, ClientResult, ServerContext, ServerState, StateDict
+from fedmoe.algorithms.fusion import mix, weighted_average
+from fedmoe.models.moe import ServerMoE, expert_utilisation, gating_entropy
+from fedmoe.models.moe_module import ServerMoEModule
+
+
+def confidences(logits: torch.Tensor, targets: torch.Tensor, mode: str = "probability") -> torch.Tensor:
+    """P[j] = softmax(logits_j)[y_j] (``probability``) or logits_j[y_j] (``logit``, the CIFAR code)."""
+    values = torch.softmax(logits.float(), dim=1) if mode == "probability" else logits.float()
+    return values.gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def relevance(q: torch.Tensor, p: torch.Tensor, norm: str = "sum") -> torch.Tensor:
+    """R = Q^T P^T (K x m) from gate probabilities Q (n x K) and confidences P (m x n).
+
+    ``sum`` is the paper's raw sum over probe samples; ``mean`` divides row e by sum_j Q[j, e].
+    """
+    r = q.t().double() @ p.t().double()
+    if norm == "mean":
+        r = r / q.double().sum(0).clamp_min(1e-12).unsqueeze(1)
+    elif norm != "sum":
+        raise ValueError(f"relevance_norm must be 'sum' or 'mean', got {norm!r}")
+    return r.float()
+
+
+def routing_weights(r: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """W_r = softmax over clients of R / tau (each routed expert's distribution over clients)."""
+    return torch.softmax(r / temperature, dim=1)
+
+
+def sync_weights(s: torch.Tensor, alpha: float, has_main: bool, mode: str = "paper") -> torch.Tensor:
+    """W_c, ((K+1) x m with row 0 the main expert, or K x m without one): column softmax of
+    [(1 - alpha) 1; alpha S]. ``code`` first takes a softmax over experts of S."""
+    if mode == "code":
+        s = torch.softmax(s, dim=0)
+    elif mode != "paper":
+        raise ValueError(f"stage_c must be 'paper' or 'code', got {mode!r}")
+    if not has_main:
+        return torch.softmax(s, dim=0)
+    top = torch.full((1, s.shape[1]), 1.0 - alpha, dtype=s.dtype)
+    return torch.softmax(torch.cat([top, alpha * s]), dim=0)
+
+
+class _GateLogits(nn.Module):
+    """A view of the MoE that outputs the gate's clean logits G(x)."""
+
+    def __init__(self, moe: ServerMoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.moe.gate(x)
+
+
+class FedMoE(Algorithm):
+    """Fed-MoE with the paper's defaults; code behaviours as named options.
+
+    Args:
+        num_routed: K routed experts.
+        num_main: main experts (0: none, as the Sent140 code).
+        top_k: experts chosen per sample.
+        lam: lambda, the moving-average weight (the paper's ``--a``).
+        iterations: T server iterations per round.
+        gate_value: ``probability`` | ``renormalised`` (code; no gate gradient for k = 1).
+        alpha_init: initial alpha; alpha_clamp: clamp alpha to [0, 1].
+        noisy_gate: add the learned gate noise G_n while training.
+        gate_network: architecture of G and G_n (default: the client architecture, K-way head).
+        w_ent, w_aux, label_smoothing, load, entropy_mode: the server loss (DESIGN.md §2).
+        confidence: ``probability`` | ``logit`` (CIFAR code).
+        relevance_gate: ``soft`` | ``onehot`` (code: top-1 one-hot Q).
+        relevance_norm: ``sum`` (paper, code) | ``mean``.
+        relevance_temperature: tau dividing R before the softmax.
+        expert_update: ``moving`` | ``replace`` (FEMNIST code: lambda = 1).
+        main_update: ``moving`` | ``mean`` (FEMNIST and CIFAR code: the plain mean of the clients).
+        server_epochs: epochs of gate training per server step.
+        server_schedule: ``every_iteration`` | ``pretrain_only`` (FEMNIST and Yelp code: one epoch before round 1).
+        train_experts_on_server: the CIFAR code trains the experts on D_s too.
+        gate_lr, alpha_lr, server_weight_decay, server_eps: the server optimizer (Adam).
+        stage_c: ``paper`` | ``code`` (softmax over experts first; W_c nearly uniform).
+        client_update: ``moving`` | ``replace`` (FEMNIST and Sent140 code: lambda = 0 in Stage C).
+        common_init: start experts and main from the clients' common initialisation.
+        keep_best_iteration: continue from the iteration with the lowest validation loss.
+    """
+
+    personalised = True
+    sync_transmits = True
+
+    def __init__(
+        self,
+        num_routed: int = 5,
+        num_main: int = 1,
+        top_k: int = 1,
+        lam: float = 0.1,
+        iterations: int = 1,
+        gate_value: Literal["probability", "renormalised"] = "probability",
+        alpha_init: float = 0.5,
+        alpha_clamp: bool = False,
+        noisy_gate: bool = True,
+        gate_network: str | None = None,
+        w_ent: float = 0.1,
+        w_aux: float = 1.0,
+        label_smoothing: float = 0.0,
+        load: Literal["count", "smooth"] = "count",
+        entropy_mode: Literal["paper", "code"] = "paper",
+        confidence: Literal["probability", "logit"] = "probability",
+        relevance_gate: Literal["soft", "onehot"] = "soft",
+        relevance_norm: Literal["sum", "mean"] = "sum",
+        relevance_temperature: float = 1.0,
+        expert_update: Literal["moving", "replace"] = "moving",
+        main_update: Literal["moving", "mean"] = "moving",
+        server_epochs: int = 1,
+        server_schedule: Literal["every_iteration", "pretrain_only"] = "every_iteration",
+        train_experts_on_server: bool = False,
+        gate_lr: float = 1e-4,
+        alpha_lr: float = 1e-3,
+        server_weight_decay: float = 5e-4,
+        server_eps: float = 1e-6,
+        stage_c: Literal["paper", "code"] = "paper",
+        client_update: Literal["moving", "replace"] = "moving",
+        common_init: bool = True,
+        keep_best_iteration: bool = True,
+    ) -> None:
+        if num_routed < 1 or num_main < 0 or iterations < 1:
+            raise ValueError("need num_routed >= 1, num_main >= 0 and iterations >= 1")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if relevance_temperature <= 0:
+            raise ValueError(f"relevance_temperature must be > 0, got {relevance_temperature}")
+        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
+        self._module: ServerMoEModule | None = None
+        self._scratch: nn.Module | None = None
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def _build(self, ctx: ServerContext) -> ServerMoEModule:
+        from fedmoe.models.networks import build_network
+
+        def gate_net() -> nn.Module:
+            if self.gate_network is None:
+                return ctx.build_network(self.num_routed)
+            return build_network(self.gate_network, self.num_routed)
+
+        moe = ServerMoE(
+            experts=[ctx.build_network() for _ in range(self.num_routed)],
+            mains=[ctx.build_network() for _ in range(self.num_main)],
+            gate=gate_net(),
+            noise=gate_net() if self.noisy_gate else None,
+            top_k=self.top_k,
+            gate_value=self.gate_value,
+            alpha_init=self.alpha_init,
+            alpha_clamp=self.alpha_clamp,
+            noisy=self.noisy_gate,
+        )
+        return ServerMoEModule(
+            moe,
+            label_smoothing=self.label_smoothing,
+            w_aux=self.w_aux,
+            w_ent=self.w_ent,
+            load=self.load,
+            entropy_mode=self.entropy_mode,
+            gate_lr=self.gate_lr,
+            alpha_lr=self.alpha_lr,
+            weight_decay=self.server_weight_decay,
+            eps=self.server_eps,
+            train_experts=self.train_experts_on_server,
+        )
+
+    def _module_for(self, state: ServerState, ctx: ServerContext) -> ServerMoEModule:
+        """The cached server module with ``state`` loaded (built without touching the global RNG,
+        so a resumed run draws the same random numbers as an uninterrupted one)."""
+        if self._module is None:
+            with torch.random.fork_rng(devices=[]):
+                self._module = self._build(ctx)
+        self._module.moe.load_state_dict(state["moe"])
+        return self._module
+
+    def _scratch_net(self, ctx: ServerContext) -> nn.Module:
+        if self._scratch is None:
+            with torch.random.fork_rng(devices=[]):
+                self._scratch = ctx.build_network()
+        return self._scratch
+
+    # -- protocol ---------------------------------------------------------------------------------
+
+    def init_server(self, template: StateDict, ctx: ServerContext) -> ServerState:
+        module = self._build(ctx)
+        if self.common_init:
+            for expert in [*module.moe.experts, *module.moe.mains]:
+                expert.load_state_dict(template)
+        self._module = module
+        state: ServerState = {"moe": _clone(module.moe.state_dict()), "optimizer": None, "stats": {}}
+        if self.server_schedule == "pretrain_only":
+            state["optimizer"] = ctx.fit(module, ctx.server_train, 1, None)
+            state["moe"] = _clone(module.moe.state_dict())
+        return state
+
+    def configure_client(self, state: ServerState, client_id: int, client_weights: StateDict | None) -> ClientPlan:
+        """The client starts from its own synced model, which it already holds."""
+        return ClientPlan(weights=client_weights, transmit=False)
+
+    def aggregate(self, state: ServerState, results: list[ClientResult], ctx: ServerContext) -> ServerState:
+        module = self._module_for(state, ctx)
+        moe = module.moe
+        clients = [r.weights for r in results]
+        sizes = torch.tensor([float(r.num_samples) for r in results])
+        p = self.client_confidences(clients, ctx)
+        lam_e = 1.0 if self.expert_update == "replace" else self.lam
+        optimizer_state = state.get("optimizer")
+        best: tuple[float, dict, Any, dict] | None = None
+        stats: dict[str, Any] = {}
+        for t in range(self.iterations):
+            q = self.gate_relevance(moe, ctx)
+            w_r = routing_weights(relevance(q, p, self.relevance_norm), self.relevance_temperature)
+            for e, expert in enumerate(moe.experts):
+                expert.load_state_dict(mix(expert.state_dict(), clients, (lam_e * w_r[e]).tolist(), 1.0 - lam_e))
+            for main in moe.mains:
+                if self.main_update == "mean":
+                    main.load_state_dict(weighted_average(clients, sizes.tolist(), base=main.state_dict()))
+                else:
+                    share = (self.lam * sizes / sizes.sum()).tolist()
+                    main.load_state_dict(mix(main.state_dict(), clients, share, 1.0 - self.lam))
+            if self.server_schedule == "every_iteration":
+                optimizer_state = ctx.fit(module, ctx.server_train, self.server_epochs, optimizer_state)
+            val = ctx.evaluate(module, ctx.val)
+            stats = {"W_r": w_r, "val_loss": val["loss"], "iteration": t + 1}
+            if best is None or not self.keep_best_iteration or val["loss"] < best[0]:
+                best = (val["loss"], _clone(moe.state_dict()), copy.deepcopy(optimizer_state), stats)
+        _, moe_state, optimizer_state, stats = best
+        moe.load_state_dict(moe_state)
+        s = relevance(self.gate_relevance(moe, ctx), p, self.relevance_norm)
+        w_c = sync_weights(s, float(moe.alpha_value().detach()), moe.num_main > 0, self.stage_c)
+        stats = {**stats, "W_c": w_c, **self.gate_statistics(moe, ctx)}
+        return {**state, "moe": moe_state, "optimizer": optimizer_state, "stats": stats}
+
+    def sync(self, state: ServerState, results: list[ClientResult], ctx: ServerContext) -> dict[int, StateDict]:
+        """Stage C: client i mixes its model with the experts by column i of W_c (computed in
+        :meth:`aggregate` with the updated gate)."""
+        moe = self._module_for(state, ctx).moe
+        w_c = state["stats"]["W_c"]
+        experts = [e.state_dict() for e in moe.experts]
+        if moe.num_main > 0:
+            mains = [m.state_dict() for m in moe.mains]
+            main = mains[0] if len(mains) == 1 else weighted_average(mains, [1.0] * len(mains), base=mains[0])
+            experts = [main, *experts]
+        keep = 0.0 if self.client_update == "replace" else self.lam
+        out = {}
+        for i, r in enumerate(results):
+            out[r.client_id] = mix(r.weights, experts, ((1.0 - keep) * w_c[:, i]).tolist(), keep)
+        return out
+
+    def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
+        return self._module_for(state, ctx)
+
+    def round_metrics(self, state: ServerState) -> dict[str, Any]:
+        stats = state.get("stats") or {}
+        out: dict[str, Any] = {}
+        if "alpha" in stats:
+            out["fedmoe/alpha"] = stats["alpha"]
+            out["fedmoe/gate_entropy"] = stats["gate_entropy"]
+            out["fedmoe/label_entropy"] = stats["label_entropy"]
+            for e, u in enumerate(stats["utilisation"].tolist()):
+                out[f"fedmoe/utilisation/expert_{e + 1}"] = u
+        for key in ("W_r", "W_c"):
+            if key in stats:
+                out[f"fedmoe/{key}"] = stats[key]
+        return out
+
+    # -- the matrices -----------------------------------------------------------------------------
+
+    def client_confidences(self, clients: list[StateDict], ctx: ServerContext) -> torch.Tensor:
+        """P (m x n): each uploaded client model's confidence on each probe sample (eval mode)."""
+        net = self._scratch_net(ctx)
+        rows = []
+        for weights in clients:
+            net.load_state_dict(weights)
+            logits, targets = ctx.predict(net, ctx.probe)
+            rows.append(confidences(logits, targets, self.confidence))
+        return torch.stack(rows)
+
+    def gate_relevance(self, moe: ServerMoE, ctx: ServerContext) -> torch.Tensor:
+        """Q (n x K): gate probabilities on the probe set (eval, no noise), or their top-1 one-hot."""
+        logits, _ = ctx.predict(_GateLogits(moe), ctx.probe)
+        q = torch.softmax(logits.float(), dim=1)
+        if self.relevance_gate == "onehot":
+            q = torch.nn.functional.one_hot(q.argmax(1), q.shape[1]).float()
+        return q
+
+    def gate_statistics(self, moe: ServerMoE, ctx: ServerContext) -> dict[str, Any]:
+        """Routing on the validation set: utilisation per expert, gate entropy, label entropy H_lab."""
+        logits, targets = ctx.predict(_GateLogits(moe), ctx.val)
+        probs = torch.softmax(logits.float(), dim=1)
+        topk = probs.topk(self.top_k, dim=1).indices
+        gates = torch.zeros_like(probs).scatter(1, topk, probs.gather(1, topk))
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
+        return {
+            "alpha": float(moe.alpha_value().detach()),
+            "utilisation": expert_utilisation(gates),
+            "gate_entropy": float(entropy),
+            "label_entropy": float(gating_entropy(gates, targets, ctx.num_classes, self.entropy_mode)),
+        }
+
+
+def _clone(state: StateDict) -> StateDict:
+    return {k: v.detach().clone() for k, v in state.items()}

@@ -1,0 +1,334 @@
+"""FederatedLoop: sample clients -> executor trains them -> algorithm aggregates -> evaluate ->
+log -> checkpoint. One loop for every algorithm."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from fedmoe.algorithms.base import Algorithm, ClientResult, StateDict
+from fedmoe.algorithms.fedavg import FedAvg
+from fedmoe.algorithms.fusion import all_finite, num_bytes
+from fedmoe.data.federated import FederatedDataModule
+from fedmoe.errors import CheckpointError, DataError, RoundError
+from fedmoe.executors.base import ClientFailure, ClientTask, Executor
+from fedmoe.executors.sequential import Sequential
+from fedmoe.federation import checkpoint as ckpt_io
+from fedmoe.federation.context import EngineContext
+from fedmoe.federation.recorder import RoundRecorder
+from fedmoe.federation.runner import RunnerSettings
+from fedmoe.federation.sampling import ClientSampler
+from fedmoe.federation.store import ClientStore
+
+log = logging.getLogger(__name__)
+
+
+class Federation:
+    """The ``federation:`` section: the rounds loop and its algorithm.
+
+    Args:
+        algorithm: the federated algorithm (``class_path`` + ``init_args``); default FedAvg.
+        rounds: number of rounds; a finished run can be extended with ``--ckpt_path last``.
+        clients_per_round: m, clients sampled per round.
+        sampling: ``uniform`` or ``per_group`` (one client per residue class of the id mod m).
+        min_clients: clients that must survive a round (others may fail or return non-finite weights).
+        executor: who trains the clients (default: sequential in this process).
+        persistent_optimizer: keep each client's optimizer state between its rounds.
+        store_dtype: store client weights as ``float16`` / ``bfloat16`` (default: lossless).
+        eval_every: evaluate the server model every this many rounds (and at the last round).
+        client_eval: evaluate each sampled client's synced model on its held-out split.
+        checkpoint_every: save ``checkpoints/last.ckpt`` every this many rounds (and at the last).
+        progress: show a progress bar over rounds.
+    """
+
+    def __init__(
+        self,
+        algorithm: Algorithm | None = None,
+        rounds: int = 10,
+        clients_per_round: int = 5,
+        sampling: Literal["uniform", "per_group"] = "uniform",
+        min_clients: int = 1,
+        executor: Executor | None = None,
+        persistent_optimizer: bool = False,
+        store_dtype: Literal["float16", "bfloat16"] | None = None,
+        eval_every: int = 1,
+        client_eval: bool = True,
+        checkpoint_every: int = 1,
+        progress: bool = True,
+    ) -> None:
+        self.algorithm = algorithm if algorithm is not None else FedAvg()
+        self.rounds = rounds
+        self.clients_per_round = clients_per_round
+        self.sampling = sampling
+        self.min_clients = min_clients
+        self.executor = executor if executor is not None else Sequential()
+        self.persistent_optimizer = persistent_optimizer
+        self.store_dtype = store_dtype
+        self.eval_every = max(1, eval_every)
+        self.client_eval = client_eval
+        self.checkpoint_every = max(1, checkpoint_every)
+        self.progress = progress
+
+
+class FederatedLoop:
+    """Runs a federation for a client module and a federated data module.
+
+    Args:
+        federation: the loop settings and algorithm.
+        module: the client LightningModule; its ``net`` is what travels.
+        datamodule: the federated data.
+        settings: local training settings (from ``trainer:``).
+        run_dir: folder of the run (events, metrics.csv, checkpoints).
+        seed: the run's seed (client sampling).
+        config: flattened config values that define the math, for the checkpoint fingerprint.
+    """
+
+    def __init__(
+        self,
+        federation: Federation,
+        module,
+        datamodule: FederatedDataModule,
+        settings: RunnerSettings | None = None,
+        run_dir: str | Path = "runs/default",
+        seed: int = 0,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.fed = federation
+        self.algo = federation.algorithm
+        self.module = module
+        self.datamodule = datamodule
+        self.settings = settings or RunnerSettings()
+        self.run_dir = Path(run_dir)
+        self.seed = seed
+        self.config = dict(config or {})
+        self.template: StateDict = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+        self.store = ClientStore(federation.store_dtype)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.state: dict[str, Any] | None = None
+        self.round = 0
+        self._ready = False
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.ckpt"
+
+    def setup(self) -> None:
+        if self._ready:
+            return
+        self.datamodule.setup("fit")
+        n = len(self.datamodule.splits.client_train)
+        if self.fed.clients_per_round > n:
+            raise DataError(
+                f"federation.clients_per_round={self.fed.clients_per_round} exceeds the {n} clients of the data"
+            )
+        if not 1 <= self.fed.min_clients <= self.fed.clients_per_round:
+            raise RoundError(
+                f"federation.min_clients={self.fed.min_clients} must be between 1 and clients_per_round="
+                f"{self.fed.clients_per_round}"
+            )
+        self.sampler = ClientSampler(n, self.fed.clients_per_round, self.fed.sampling, self.seed)
+        self.ctx = EngineContext(self.module, self.datamodule, self.settings, self.template)
+        self.fed.executor.bind(self.module, self.datamodule, self.settings)
+        self._eval_net = self.module.build_network()
+        self._ready = True
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "server_state": self.state,
+            "store": self.store.state_dict(),
+            "history": self.history,
+            "best": self.best,
+            "rng": ckpt_io.capture_rng(),
+            "config": self.config,
+            "fingerprint": ckpt_io.fingerprint(self.config),
+        }
+
+    def load(self, path: str | Path, check_config: bool = True) -> None:
+        """Restore a checkpoint; refuse one whose math-defining config differs."""
+        ckpt = ckpt_io.load_checkpoint(path)
+        if check_config and ckpt["fingerprint"] != ckpt_io.fingerprint(self.config):
+            keys = ckpt_io.diff_keys(ckpt["config"], self.config)
+            shown = ", ".join(f"{k} ({ckpt['config'].get(k, '<unset>')!r} -> {self.config.get(k, '<unset>')!r})" for k in keys[:6])
+            more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+            raise CheckpointError(
+                f"checkpoint {path} was made with another configuration: {shown}{more}; "
+                "use the same config, or start a new run in another trainer.default_root_dir"
+            )
+        self.round = ckpt["round"]
+        self.state = ckpt["server_state"]
+        self.store.load_state_dict(ckpt["store"])
+        self.history = ckpt["history"]
+        self.best = ckpt["best"]
+        self._rng = ckpt["rng"]
+
+    def save(self) -> None:
+        ckpt_io.save_checkpoint(self.ckpt_path, self.state_dict())
+
+    # -- running --------------------------------------------------------------------------------
+
+    def fit(self, ckpt_path: str | Path | None = None) -> dict[str, Any]:
+        """Run rounds up to ``federation.rounds``, resuming from ``ckpt_path`` if given."""
+        self.setup()
+        self._rng = None
+        if ckpt_path is not None:
+            self.load(ckpt_path)
+            ckpt_io.restore_rng(self._rng)
+            log.info("resumed from %s at round %d", ckpt_path, self.round)
+        else:
+            self.state = self.algo.init_server(self.template, self.ctx)
+        recorder = RoundRecorder(self.run_dir, self.round, self.history)
+        start = time.perf_counter()
+        bar = tqdm(
+            total=self.fed.rounds, initial=min(self.round, self.fed.rounds), desc="rounds", unit="round",
+            disable=not self.fed.progress, dynamic_ncols=True,
+        )
+        try:
+            while self.round < self.fed.rounds:
+                row, images = self.run_round(self.round + 1)
+                self.round += 1
+                recorder.log(self.round, row, images)
+                self.history = recorder.history
+                if self.round % self.fed.checkpoint_every == 0 or self.round == self.fed.rounds:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4f}" for k in ("server/test_acc", "clients/acc_mean") if _finite(row.get(k))})
+        finally:
+            bar.close()
+            recorder.close()
+        summary = self.summary(time.perf_counter() - start)
+        ckpt_io.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        return summary
+
+    def run_round(self, r: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """One round; returns its logged scalars and images."""
+        t0 = time.perf_counter()
+        ids = self.sampler.sample(r)
+        tasks, bytes_down = [], 0
+        for cid in ids:
+            own = self.store.get_weights(cid) if self.algo.personalised else None
+            plan = self.algo.configure_client(self.state, cid, own if own is not None else self.template)
+            if plan.transmit:
+                bytes_down += num_bytes(plan.weights)
+            opt = self.store.get_optimizer(cid) if self.fed.persistent_optimizer else None
+            tasks.append(ClientTask(cid, plan, opt))
+        outcomes = self.fed.executor.run(tasks)
+        results: list[ClientResult] = []
+        optimizer_states: dict[int, dict | None] = {}
+        dropped: list[str] = []
+        for out in outcomes:
+            if isinstance(out, ClientFailure):
+                dropped.append(f"{out.client_id} ({out.error})")
+            elif not all_finite(out.result.weights):
+                log.warning("round %d: client %d returned non-finite weights; dropped", r, out.result.client_id)
+                dropped.append(f"{out.result.client_id} (non-finite weights)")
+            else:
+                results.append(out.result)
+                optimizer_states[out.result.client_id] = out.optimizer_state
+        if dropped:
+            log.warning("round %d: dropped clients %s", r, "; ".join(dropped))
+        if len(results) < self.fed.min_clients:
+            raise RoundError(
+                f"round {r}: only {len(results)} of {len(ids)} clients survived (federation.min_clients="
+                f"{self.fed.min_clients}); dropped: {'; '.join(dropped)}"
+            )
+        bytes_up = sum(num_bytes(res.weights) for res in results)
+        self.state = self.algo.aggregate(self.state, results, self.ctx)
+        synced = self.algo.sync(self.state, results, self.ctx)
+        if self.algo.sync_transmits:
+            bytes_down += sum(num_bytes(w) for w in synced.values())
+        if self.algo.personalised:
+            for cid, w in synced.items():
+                self.store.put_weights(cid, w)
+        if self.fed.persistent_optimizer:
+            for cid, st in optimizer_states.items():
+                self.store.put_optimizer(cid, st)
+        round_time = time.perf_counter() - t0
+
+        row: dict[str, Any] = {
+            "clients": " ".join(map(str, ids)),
+            "clients/ok": len(results),
+            "clients/dropped": len(dropped),
+            "clients/train_loss": _mean([res.metrics.get("loss", math.nan) for res in results]),
+            "comm/bytes_up": bytes_up,
+            "comm/bytes_down": bytes_down,
+            "time/round_s": round_time,
+        }
+        t1 = time.perf_counter()
+        if r % self.fed.eval_every == 0 or r == self.fed.rounds:
+            row.update(self.evaluate_server(r))
+        if self.fed.client_eval:
+            row.update(self.evaluate_clients(synced))
+        extra = self.algo.round_metrics(self.state)
+        images = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
+        row.update({k: float(v) for k, v in extra.items() if k not in images})
+        row["time/eval_s"] = time.perf_counter() - t1
+        return row, images
+
+    def evaluate_server(self, r: int) -> dict[str, float]:
+        """Server model on validation and test; tracks the test accuracy at the best validation loss."""
+        server = self.algo.server_module(self.state, self.ctx)
+        val = self.ctx.evaluate(server, self.ctx.val)
+        test = self.ctx.evaluate(server, self.ctx.test)
+        if _finite(val["loss"]) and (not self.best or val["loss"] < self.best["val_loss"]):
+            self.best = {"round": r, "val_loss": val["loss"], "test_acc": test["acc"], "test_loss": test["loss"]}
+        return {
+            "server/val_loss": val["loss"],
+            "server/val_acc": val["acc"],
+            "server/test_loss": test["loss"],
+            "server/test_acc": test["acc"],
+            "server/best_test_acc": self.best.get("test_acc", math.nan),
+        }
+
+    def evaluate_clients(self, synced: dict[int, StateDict]) -> dict[str, float]:
+        """Each participating client's synced model on its own held-out split."""
+        accs, loaded = [], None
+        for cid, weights in synced.items():
+            dataset = self.datamodule.splits.client_test[cid]
+            if len(dataset) == 0:
+                continue
+            if loaded is not weights:
+                self._eval_net.load_state_dict(weights)
+                loaded = weights
+            accs.append(self.ctx.evaluate(self._eval_net, dataset)["acc"])
+        if not accs:
+            return {}
+        return {"clients/acc_mean": _mean(accs), "clients/acc_min": min(accs), "clients/acc_max": max(accs)}
+
+    def evaluate(self, split: Literal["val", "test"]) -> dict[str, float]:
+        """The server model of the loaded state on the validation or test set."""
+        self.setup()
+        server = self.algo.server_module(self.state, self.ctx)
+        return self.ctx.evaluate(server, self.ctx.val if split == "val" else self.ctx.test)
+
+    def summary(self, seconds: float) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "algorithm": type(self.algo).__name__,
+            "rounds": self.round,
+            "seconds": round(seconds, 2),
+            "server_test_acc": last.get("server/test_acc"),
+            "best_val_round": self.best.get("round"),
+            "best_val_test_acc": self.best.get("test_acc"),
+            "clients_acc_mean": last.get("clients/acc_mean"),
+            "run_dir": str(self.run_dir),
+        }
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if _finite(x)]
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,74 @@
+"""Per-round records: TensorBoard scalars and images, and ``metrics.csv`` (one row per round)."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmoe.federation.checkpoint import atomic_write_text
+
+
+class RoundRecorder:
+    """Writes a run's TensorBoard events and ``metrics.csv`` into ``run_dir``.
+
+    Args:
+        run_dir: the run's folder (one TensorBoard run).
+        start_round: rounds already done; on resume, TensorBoard events after it are purged.
+        history: rows of earlier rounds (from a checkpoint), kept in ``metrics.csv``.
+    """
+
+    def __init__(self, run_dir: str | Path, start_round: int = 0, history: list[dict[str, Any]] | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.run_dir), purge_step=start_round + 1 if start_round else None)
+        self.history: list[dict[str, Any]] = list(history or [])
+
+    def log(self, round_idx: int, scalars: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
+        for key, value in scalars.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(key, value, round_idx)
+        for key, matrix in (images or {}).items():
+            self.writer.add_figure(key, _heatmap(matrix, key), round_idx, close=True)
+        self.writer.flush()
+        self.history.append({"round": round_idx, **scalars})
+        self.write_csv()
+
+    def write_csv(self) -> None:
+        import pandas as pd
+
+        buf = io.StringIO()
+        pd.DataFrame(self.history).to_csv(buf, index=False)
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _heatmap(matrix: torch.Tensor, title: str):
+    """An annotated heatmap of a small matrix (rows: experts, columns: clients)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = matrix.detach().float().cpu().numpy()
+    rows, cols = m.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * cols, 0.8 + 0.5 * rows))
+    im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=max(1e-12, float(m.max())), aspect="auto")
+    if rows * cols <= 400:
+        for i in range(rows):
+            for j in range(cols):
+                ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if m[i, j] < 0.6 * m.max() else "black")
+    ax.set_xlabel("client (sampled, in id order)")
+    ax.set_ylabel("expert")
+    ax.set_title(title.split("/")[-1], fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,115 @@
+"""Server-side training of the Fed-MoE gate (Stage B's server step) as a LightningModule.
+
+By default only G, G_n and alpha train, with the experts and main expert(s) frozen in eval mode
+so that their BatchNorm statistics do not move; ``train_experts`` (the CIFAR code) trains the
+experts too, each parameter group at its own learning rate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from fedmoe.models.moe import EntropyMode, LoadMode, ServerMoE, server_loss
+
+
+class ServerMoEModule(L.LightningModule):
+    """Trains a :class:`ServerMoE` on the server set D_s with the Fed-MoE server loss.
+
+    ``forward`` returns the logits only, so the same evaluation code serves any classifier.
+    With ``train_experts`` false the experts and mains get ``requires_grad=False`` and stay in
+    eval mode; with it true their ``requires_grad`` flags are left as the backbone set them.
+    """
+
+    def __init__(
+        self,
+        moe: ServerMoE,
+        *,
+        label_smoothing: float = 0.0,
+        w_aux: float = 1.0,
+        w_ent: float = 0.1,
+        load: LoadMode = "count",
+        entropy_mode: EntropyMode = "paper",
+        gate_lr: float = 1e-4,
+        alpha_lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        eps: float = 1e-6,
+        train_experts: bool = False,
+        expert_lr: float = 1e-4,
+        main_lr: float = 5e-5,
+        experts_alpha_lr: float = 5e-7,
+    ) -> None:
+        super().__init__()
+        self.moe = moe
+        self.label_smoothing = label_smoothing
+        self.w_aux = w_aux
+        self.w_ent = w_ent
+        self.load = load
+        self.entropy_mode = entropy_mode
+        self.gate_lr = gate_lr
+        self.alpha_lr = alpha_lr
+        self.weight_decay = weight_decay
+        self.eps = eps
+        self.train_experts = train_experts
+        self.expert_lr = expert_lr
+        self.main_lr = main_lr
+        self.experts_alpha_lr = experts_alpha_lr
+        if not train_experts:
+            moe.experts.requires_grad_(False)
+            moe.mains.requires_grad_(False)
+            moe.experts.eval()
+            moe.mains.eval()
+
+    def train(self, mode: bool = True) -> ServerMoEModule:
+        """Set train/eval mode; frozen experts and mains always stay in eval mode."""
+        super().train(mode)
+        if not self.train_experts:
+            self.moe.experts.eval()
+            self.moe.mains.eval()
+        return self
+
+    def forward(self, x: Any) -> Tensor:
+        """The MoE's logits y (B x C)."""
+        return self.moe(x).logits
+
+    def training_step(self, batch: tuple[Any, Tensor], batch_idx: int) -> Tensor:
+        """The server loss on one batch (x, t) of D_s."""
+        x, targets = batch
+        loss, _ = server_loss(
+            self.moe(x),
+            targets,
+            self.moe,
+            label_smoothing=self.label_smoothing,
+            w_aux=self.w_aux,
+            w_ent=self.w_ent,
+            load=self.load,
+            entropy_mode=self.entropy_mode,
+        )
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over named groups: gate (G, G_n), alpha; experts and mains if ``train_experts``."""
+        gate_params = list(self.moe.gate.parameters())
+        if self.moe.noise is not None:
+            gate_params += list(self.moe.noise.parameters())
+        groups = [
+            {"name": "gate", "params": gate_params, "lr": self.gate_lr},
+            {
+                "name": "alpha",
+                "params": [self.moe.alpha],
+                "lr": self.experts_alpha_lr if self.train_experts else self.alpha_lr,
+            },
+        ]
+        if self.train_experts:
+            experts, mains = self.moe.experts, self.moe.mains
+            groups += [
+                {"name": "experts", "params": list(experts.parameters()), "lr": self.expert_lr},
+                {"name": "mains", "params": list(mains.parameters()), "lr": self.main_lr},
+            ]
+        for group in groups:
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        groups = [group for group in groups if group["params"]]
+        return torch.optim.Adam(groups, weight_decay=self.weight_decay, eps=self.eps)
