@@ -31,14 +31,39 @@ FINGERPRINT_EXCLUDE = (
 )
 
 
+def condense_error(message: str) -> str:
+    """The informative part of a jsonargparse error, as one line."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if not lines:
+        return "invalid arguments"
+    head, rest = lines[0], lines[1:]
+    for i, ln in enumerate(rest):
+        if ln.startswith("- Problem with given class_path"):
+            detail = " ".join(rest[i : i + 2]).lstrip("- ")
+            return f"{head} {detail}"
+    skip = ("Does not validate", "Subtypes:", "Errors:", "Given value type", "- Expected a <class 'NoneType'>")
+    detail = [ln for ln in rest if not ln.startswith(skip)][:2]
+    return " ".join([head, *detail])
+
+
 def _build_cli_class():
-    from lightning.pytorch.cli import LightningCLI
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from fedmoe.data.federated import FederatedDataModule
     from fedmoe.federation.checkpoint import atomic_write_text, flatten, select_keys
     from fedmoe.federation.loop import Federation, FederatedLoop
     from fedmoe.federation.runner import RunnerSettings
     from fedmoe.models.classifier import Classifier
+
+    class OneLineErrorParser(LightningArgumentParser):
+        """Parse errors as one line on stderr and exit code 2 (no usage dump)."""
+
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+                return ArgumentParser.error(self, message, ex)
+            sys.stderr.write(f"error: {condense_error(message)} (see --help)\n")
+            sys.exit(2)
 
     class FedMoECLI(LightningCLI):
         """LightningCLI with a ``federation:`` section; ``fit`` runs rounds instead of epochs."""
@@ -51,6 +76,7 @@ def _build_cli_class():
                 save_config_callback=None,
                 auto_configure_optimizers=False,
                 seed_everything_default=0,
+                parser_class=OneLineErrorParser,
                 trainer_defaults={"accelerator": "cpu", "devices": 1, "max_epochs": 1},
                 args=args,
                 run=run,

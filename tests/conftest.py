@@ -1,0 +1,6 @@
+"""Shared test settings: offline, deterministic, small."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
