@@ -210,6 +210,8 @@ def main(args: list[str] | None = None) -> int:
     except FedMoEError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argument errors, --help, --print_config
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -28,3 +29,12 @@ class TinyMLP(nn.Module):
 # Guarded: registering the same name twice with another class object is an error.
 if TINY_NETWORK not in NETWORKS:
     register_network(TINY_NETWORK)(TinyMLP)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: one intra-op thread is faster than spinning up a pool on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,6 +21,8 @@ class ClientTask:
     client_id: int
     plan: ClientPlan
     optimizer_state: dict | None = None
+    keep_optimizer: bool = False
+    """Return the optimizer state after training (persistent client optimizers)."""
 
 
 @dataclass

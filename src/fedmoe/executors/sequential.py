@@ -46,6 +46,7 @@ class Sequential(Executor):
             self.datamodule.train_loader(dataset),
             regularizer=task.plan.regularizer,
             optimizer_state=task.optimizer_state,
+            return_optimizer_state=task.keep_optimizer,
         )
         weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         result = ClientResult(

@@ -221,7 +221,7 @@ class FederatedLoop:
             if plan.transmit:
                 bytes_down += num_bytes(plan.weights)
             opt = self.store.get_optimizer(cid) if self.fed.persistent_optimizer else None
-            tasks.append(ClientTask(cid, plan, opt))
+            tasks.append(ClientTask(cid, plan, opt, keep_optimizer=self.fed.persistent_optimizer))
         outcomes = self.fed.executor.run(tasks)
         results: list[ClientResult] = []
         optimizer_states: dict[int, dict | None] = {}

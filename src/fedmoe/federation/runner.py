@@ -9,6 +9,7 @@ costs (benchmarks/round_overhead.py).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -80,17 +81,19 @@ class LocalRunner:
         epochs: int | None = None,
         regularizer: Regularizer | None = None,
         optimizer_state: dict | None = None,
+        return_optimizer_state: bool = True,
     ) -> FitOutput:
         """Train ``module`` with its own ``training_step`` and ``configure_optimizers``.
 
-        Optimizer state is fresh unless ``optimizer_state`` is given; the state after training is
-        returned so that a caller can keep it (persistent client optimizers, the server gate).
+        Optimizer state is fresh unless ``optimizer_state`` is given (it is copied, never
+        modified); with ``return_optimizer_state`` a copy of the state after training is returned so
+        that a caller can keep it (persistent client optimizers, the server gate).
         """
         s = self.settings
         epochs = s.max_epochs if epochs is None else epochs
         optimizer, scheduler, interval = _unpack_optimizers(module.configure_optimizers())
         if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
+            optimizer.load_state_dict(copy.deepcopy(optimizer_state))
         model, opt = self.fabric.setup(module, optimizer)
         model.train()
         limit = _batch_limit(s.limit_train_batches, loader)
@@ -124,7 +127,7 @@ class LocalRunner:
                 scheduler.step()
             if done:
                 break
-        state = optimizer.state_dict()
+        state = copy.deepcopy(optimizer.state_dict()) if return_optimizer_state else None
         return FitOutput(loss=total / max(count, 1) if count else math.nan, steps=steps, optimizer_state=state)
 
     def _step(self, model, opt) -> None:

@@ -1,0 +1,405 @@
+"""Fed-MoE aggregate and sync on a real engine context: Lightning-driven prediction and gate
+training over a tiny in-memory federated data set, with every fused weight recomputed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmoe.algorithms import ClientResult
+from fedmoe.algorithms.fedmoe import FedMoE
+from fedmoe.data.federated import ArrayDataset, FederatedDataModule, FederatedSplits
+from fedmoe.federation.context import EngineContext
+from fedmoe.federation.runner import RunnerSettings
+from fedmoe.models.classifier import Classifier
+from fedmoe.models.networks import build_network
+
+TINY_NETWORK = "test_tiny_mlp"  # registered in conftest.py
+NUM_CLASSES = 3
+NUM_CLIENTS = 5
+SAMPLED = [4, 0, 2, 3]  # m = 4 clients, not in id order
+SIZES = [5, 10, 20, 15]
+K = 2
+LAM = 0.1
+
+
+class TinyFederated(FederatedDataModule):
+    """Seeded random 8-dim inputs, 3 classes: 5 clients x 6 samples, 16 server, 12 probe, 10 val."""
+
+    def __init__(self) -> None:
+        super().__init__(num_clients=NUM_CLIENTS, batch_size=4, server_batch_size=8, eval_batch_size=5, seed=7)
+
+    def build(self) -> FederatedSplits:
+        g = torch.Generator().manual_seed(self.seed)
+        n_client, n_test, n_server, n_probe, n_val, n_global_test = 6, 2, 16, 12, 10, 10
+        total = NUM_CLIENTS * (n_client + n_test) + n_server + n_probe + n_val + n_global_test
+        x = torch.randn(total, 8, generator=g)
+        y = torch.randint(0, NUM_CLASSES, (total,), generator=g)
+        cursor = 0
+
+        def take(n: int) -> ArrayDataset:
+            nonlocal cursor
+            ds = ArrayDataset(x, y, torch.arange(cursor, cursor + n))
+            cursor += n
+            return ds
+
+        client_train = [take(n_client) for _ in range(NUM_CLIENTS)]
+        client_test = [take(n_test) for _ in range(NUM_CLIENTS)]
+        return FederatedSplits(
+            client_train=client_train,
+            client_test=client_test,
+            server_train=take(n_server),
+            probe=take(n_probe),
+            val=take(n_val),
+            test=take(n_global_test),
+            num_classes=NUM_CLASSES,
+        )
+
+
+def make_context(seed: int = 0) -> EngineContext:
+    torch.manual_seed(seed)
+    datamodule = TinyFederated()
+    datamodule.setup()
+    module = Classifier(network=TINY_NETWORK, num_classes=NUM_CLASSES)
+    template = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+    return EngineContext(module, datamodule, RunnerSettings(), template)
+
+
+def client_results(template: dict[str, torch.Tensor], seed: int = 1) -> list[ClientResult]:
+    """Clients that moved away from the template (floats perturbed, counters advanced)."""
+    g = torch.Generator().manual_seed(seed)
+    results = []
+    for i, (cid, size) in enumerate(zip(SAMPLED, SIZES)):
+        weights = {}
+        for key, value in template.items():
+            if key.endswith("num_batches_tracked"):
+                weights[key] = torch.tensor(7 * (i + 1), dtype=torch.int64)
+            elif key.endswith("running_var"):
+                weights[key] = value * (1 + torch.rand(value.shape, generator=g))
+            else:
+                weights[key] = value + 0.7 * torch.randn(value.shape, generator=g)
+        results.append(ClientResult(client_id=cid, num_samples=size, weights=weights))
+    return results
+
+
+def setup_round(seed: int = 0, **options):
+    ctx = make_context(seed)
+    options = {"num_routed": K, "num_main": 1, "lam": LAM, **options}
+    algo = FedMoE(**options)
+    state = algo.init_server(ctx.client_template(), ctx)
+    return algo, ctx, state, client_results(ctx.client_template())
+
+
+def part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def network(weights: dict[str, torch.Tensor], num_outputs: int = NUM_CLASSES) -> torch.nn.Module:
+    net = build_network(TINY_NETWORK, num_outputs)
+    net.load_state_dict(weights)
+    return net.eval()
+
+
+def inputs(dataset: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    return dataset.x[dataset.index], dataset.y[dataset.index]
+
+
+@torch.no_grad()
+def hand_p(results: list[ClientResult], ctx: EngineContext) -> torch.Tensor:
+    """P (m x n): softmax probability of the true label of each probe sample, per client."""
+    x, y = inputs(ctx.probe)
+    rows = [torch.softmax(network(r.weights)(x), 1)[torch.arange(len(y)), y] for r in results]
+    return torch.stack(rows).double()
+
+
+@torch.no_grad()
+def hand_q(moe_state: dict[str, torch.Tensor], dataset: ArrayDataset) -> torch.Tensor:
+    """Q (n x K): the gate's clean softmax on a data set."""
+    x, _ = inputs(dataset)
+    return torch.softmax(network(part(moe_state, "gate."), K)(x), 1).double()
+
+
+def hand_wr(q: torch.Tensor, p: torch.Tensor, norm: str = "sum") -> torch.Tensor:
+    r = torch.zeros(q.shape[1], p.shape[0], dtype=torch.float64)
+    for e in range(q.shape[1]):
+        for c in range(p.shape[0]):
+            r[e, c] = sum(q[j, e] * p[c, j] for j in range(q.shape[0]))
+            if norm == "mean":
+                r[e, c] /= q[:, e].sum()
+    return torch.softmax(r, dim=1)
+
+
+def hand_mix(base, states, weights, base_weight):
+    """base_weight * base + sum_i w_i states_i on floats; integers from base."""
+    out = {}
+    for key, value in base.items():
+        if not value.is_floating_point():
+            out[key] = value.clone()
+            continue
+        acc = base_weight * value.double()
+        for s, w in zip(states, weights):
+            acc = acc + float(w) * s[key].double()
+        out[key] = acc.float()
+    return out
+
+
+def assert_state_close(actual, expected, atol=1e-5):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype, key
+        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=1e-5, msg=key)
+
+
+# -- init -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["every_iteration", "pretrain_only"])
+def test_init_server_starts_experts_and_main_from_the_template(schedule):
+    algo, ctx, state, _ = setup_round(server_schedule=schedule)
+    template = ctx.client_template()
+    moe = state["moe"]
+    for prefix in ("experts.0.", "experts.1.", "mains.0."):
+        # also after the pretrain_only gate epoch: frozen experts keep even their BN statistics
+        assert_state_close(part(moe, prefix), template, atol=0)
+    assert moe["gate.fc2.weight"].shape == (K, 6)  # the gate is the client network with a K-way head
+    assert moe["noise.fc2.weight"].shape == (K, 6)
+    if schedule == "every_iteration":
+        assert float(moe["alpha"]) == 0.5 and state["optimizer"] is None
+    else:  # one epoch of gate (and alpha) training before round 1
+        assert float(moe["alpha"]) != 0.5 and state["optimizer"] is not None
+
+
+def test_init_server_without_common_init_gives_independent_experts():
+    algo, ctx, state, _ = setup_round(common_init=False)
+    template = ctx.client_template()
+    e0, e1 = part(state["moe"], "experts.0."), part(state["moe"], "experts.1.")
+    assert not torch.equal(e0["fc1.weight"], template["fc1.weight"])
+    assert not torch.equal(e0["fc1.weight"], e1["fc1.weight"])
+
+
+def test_configure_client_keeps_the_clients_own_model_without_transmitting():
+    algo = FedMoE(num_routed=K)
+    weights = {"w": torch.zeros(2)}
+    plan = algo.configure_client({}, 3, weights)
+    assert plan.weights is weights and plan.transmit is False
+
+
+# -- Stage B: fusion ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["pretrain_only", "every_iteration"])
+@pytest.mark.parametrize("norm", ["sum", "mean"])
+def test_moving_update_fuses_experts_by_recomputed_routing_weights(schedule, norm):
+    algo, ctx, state, results = setup_round(server_schedule=schedule, relevance_norm=norm)
+    before = clone(state["moe"])
+    new = algo.aggregate(state, results, ctx)
+    clients = [r.weights for r in results]
+
+    w_r = hand_wr(hand_q(before, ctx.probe), hand_p(results, ctx), norm)
+    assert new["stats"]["W_r"].shape == (K, len(results))
+    torch.testing.assert_close(new["stats"]["W_r"].double(), w_r, atol=1e-5, rtol=1e-5)
+    for e in range(K):
+        expected = hand_mix(part(before, f"experts.{e}."), clients, LAM * w_r[e], 1 - LAM)
+        # the server step (every_iteration) trains only the gate: the fused experts stand
+        assert_state_close(part(new["moe"], f"experts.{e}."), expected)
+        assert int(new["moe"][f"experts.{e}.bn.num_batches_tracked"]) == 0  # the expert's, not a client's
+
+    shares = torch.tensor(SIZES, dtype=torch.float64) / sum(SIZES)
+    expected_main = hand_mix(part(before, "mains.0."), clients, LAM * shares, 1 - LAM)
+    assert_state_close(part(new["moe"], "mains.0."), expected_main)
+    # the input state is not modified
+    for key in before:
+        assert torch.equal(state["moe"][key], before[key])
+
+
+def test_the_experts_move_toward_different_clients():
+    algo, ctx, state, results = setup_round(relevance_norm="sum", server_schedule="pretrain_only")
+    new = algo.aggregate(state, results, ctx)
+    e0, e1 = part(new["moe"], "experts.0."), part(new["moe"], "experts.1.")
+    assert not torch.allclose(e0["fc1.weight"], e1["fc1.weight"])
+
+
+def test_replace_and_mean_options_drop_the_old_experts():
+    algo, ctx, state, results = setup_round(
+        expert_update="replace", main_update="mean", server_schedule="pretrain_only"
+    )
+    before = clone(state["moe"])
+    new = algo.aggregate(state, results, ctx)
+    clients = [r.weights for r in results]
+    w_r = hand_wr(hand_q(before, ctx.probe), hand_p(results, ctx))
+    for e in range(K):
+        expected = hand_mix(part(before, f"experts.{e}."), clients, w_r[e], 0.0)
+        assert_state_close(part(new["moe"], f"experts.{e}."), expected)
+    shares = torch.tensor(SIZES, dtype=torch.float64) / sum(SIZES)
+    assert_state_close(part(new["moe"], "mains.0."), hand_mix(part(before, "mains.0."), clients, shares, 0.0))
+
+
+def test_every_main_expert_is_updated_like_e0():
+    algo, ctx, state, results = setup_round(num_main=2, server_schedule="pretrain_only", common_init=False)
+    before = clone(state["moe"])
+    new = algo.aggregate(state, results, ctx)
+    shares = torch.tensor(SIZES, dtype=torch.float64) / sum(SIZES)
+    for i in range(2):
+        expected = hand_mix(part(before, f"mains.{i}."), [r.weights for r in results], LAM * shares, 1 - LAM)
+        assert_state_close(part(new["moe"], f"mains.{i}."), expected)
+
+
+# -- the server step ------------------------------------------------------------------------------
+
+
+def gate_parameter_change(gate_value: str) -> tuple[float, float]:
+    algo, ctx, state, results = setup_round(gate_value=gate_value, server_weight_decay=0.0)
+    before = clone(state["moe"])
+    new = algo.aggregate(state, results, ctx)
+    names = [n for n, _ in build_network(TINY_NETWORK, K).named_parameters()]
+    change = torch.cat([(new["moe"][f"gate.{n}"] - before[f"gate.{n}"]).abs().flatten() for n in names])
+    return float(change.mean()), float(new["moe"]["alpha"] - before["alpha"])
+
+
+def test_server_step_trains_the_gate_and_alpha_with_probability_gates():
+    gate_change, alpha_change = gate_parameter_change("probability")
+    assert gate_change > 0 and alpha_change != 0
+    # Adam moves a parameter by about lr per step where cross-entropy reaches it; with
+    # renormalised top-1 gates (value exactly 1) only the 1e-7 L2 term does, far less
+    renormalised_change, _ = gate_parameter_change("renormalised")
+    assert gate_change > 3 * renormalised_change
+
+
+def test_server_step_is_skipped_each_round_with_pretrain_only():
+    algo, ctx, state, results = setup_round(server_schedule="pretrain_only")
+    before = clone(state["moe"])
+    new = algo.aggregate(state, results, ctx)
+    for key in before:
+        if key.startswith(("gate.", "noise.")) or key == "alpha":
+            assert torch.equal(new["moe"][key], before[key]), key
+
+
+# -- Stage C: sync --------------------------------------------------------------------------------
+
+
+def expected_sync(new_state, results, w_c, keep, main_prefixes=("mains.0.",)):
+    experts = [part(new_state["moe"], f"experts.{e}.") for e in range(K)]
+    if main_prefixes:
+        mains = [part(new_state["moe"], p) for p in main_prefixes]
+        main = hand_mix(mains[0], mains, [1 / len(mains)] * len(mains), 0.0)
+        experts = [main, *experts]
+    return {
+        r.client_id: hand_mix(r.weights, experts, (1 - keep) * w_c[:, i].double(), keep)
+        for i, r in enumerate(results)
+    }
+
+
+def test_sync_mixes_each_client_with_the_experts_by_its_column_of_w_c():
+    algo, ctx, state, results = setup_round()
+    new = algo.aggregate(state, results, ctx)
+    w_c = new["stats"]["W_c"]
+    assert w_c.shape == (K + 1, len(results))
+    synced = algo.sync(new, results, ctx)
+    assert list(synced) == SAMPLED
+    expected = expected_sync(new, results, w_c, keep=LAM)
+    for i, r in enumerate(results):
+        assert_state_close(synced[r.client_id], expected[r.client_id])
+        # the client keeps its own counter
+        assert int(synced[r.client_id]["bn.num_batches_tracked"]) == 7 * (i + 1)
+    # clients get different models (different columns of W_c, different own models)
+    assert not torch.allclose(synced[4]["fc1.weight"], synced[0]["fc1.weight"])
+
+
+def test_w_c_uses_the_updated_gate_and_alpha():
+    # large server learning rates so that the updated gate clearly differs from the old one
+    algo, ctx, state, results = setup_round(gate_lr=0.05, alpha_lr=0.05)
+    before = clone(state["moe"])
+    new = algo.aggregate(state, results, ctx)
+    p = hand_p(results, ctx)
+
+    def hand_wc(moe_state):
+        q = hand_q(moe_state, ctx.probe)
+        s = q.t() @ p.t()  # K x m, sum normalisation
+        alpha = float(moe_state["alpha"])
+        stacked = torch.cat([torch.full((1, s.shape[1]), 1 - alpha, dtype=s.dtype), alpha * s])
+        return torch.softmax(stacked, dim=0)
+
+    torch.testing.assert_close(new["stats"]["W_c"].double(), hand_wc(new["moe"]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(new["stats"]["W_c"].double(), hand_wc(before), atol=1e-4)
+    torch.testing.assert_close(new["stats"]["W_c"].sum(0), torch.ones(len(results)))
+
+
+def test_client_update_replace_gives_exactly_the_expert_mixture():
+    algo, ctx, state, results = setup_round(client_update="replace")
+    new = algo.aggregate(state, results, ctx)
+    synced = algo.sync(new, results, ctx)
+    expected = expected_sync(new, results, new["stats"]["W_c"], keep=0.0)
+    for i, r in enumerate(results):
+        assert_state_close(synced[r.client_id], expected[r.client_id])
+        assert int(synced[r.client_id]["bn.num_batches_tracked"]) == 7 * (i + 1)
+
+
+def test_sync_without_a_main_expert_uses_only_the_routed_experts():
+    algo, ctx, state, results = setup_round(num_main=0)
+    new = algo.aggregate(state, results, ctx)
+    w_c = new["stats"]["W_c"]
+    assert w_c.shape == (K, len(results))
+    synced = algo.sync(new, results, ctx)
+    expected = expected_sync(new, results, w_c, keep=LAM, main_prefixes=())
+    for r in results:
+        assert_state_close(synced[r.client_id], expected[r.client_id])
+
+
+def test_sync_with_two_mains_uses_their_mean_as_e0():
+    algo, ctx, state, results = setup_round(num_main=2, common_init=False)
+    new = algo.aggregate(state, results, ctx)
+    assert new["stats"]["W_c"].shape == (K + 1, len(results))
+    synced = algo.sync(new, results, ctx)
+    expected = expected_sync(new, results, new["stats"]["W_c"], keep=LAM, main_prefixes=("mains.0.", "mains.1."))
+    for r in results:
+        assert_state_close(synced[r.client_id], expected[r.client_id])
+
+
+# -- server model and metrics ---------------------------------------------------------------------
+
+
+def test_server_module_returns_logits_of_the_mixture():
+    algo, ctx, state, results = setup_round()
+    new = algo.aggregate(state, results, ctx)
+    module = algo.server_module(new, ctx).eval()
+    x, _ = inputs(ctx.datamodule.splits.test)
+    with torch.no_grad():
+        logits = module(x)
+    assert logits.shape == (len(x), NUM_CLASSES)
+    # by hand: alpha * g * E_top(x) + (1 - alpha) * E_0(x), with g the top-1 gate probability
+    alpha = float(new["moe"]["alpha"])
+    with torch.no_grad():
+        probs = hand_q(new["moe"], ctx.datamodule.splits.test).float()
+        experts = torch.stack([network(part(new["moe"], f"experts.{e}."))(x) for e in range(K)], 1)
+        main = network(part(new["moe"], "mains.0."))(x)
+    top = probs.argmax(1)
+    routed = probs.gather(1, top.unsqueeze(1)) * experts[torch.arange(len(x)), top]
+    torch.testing.assert_close(logits, alpha * routed + (1 - alpha) * main, atol=1e-5, rtol=1e-5)
+
+
+def test_round_metrics_report_alpha_utilisation_and_matrices():
+    algo, ctx, state, results = setup_round()
+    new = algo.aggregate(state, results, ctx)
+    metrics = algo.round_metrics(new)
+    assert metrics["fedmoe/alpha"] == pytest.approx(float(new["moe"]["alpha"]))
+    assert metrics["fedmoe/alpha"] != 0.5  # alpha trained in the server step
+    utilisation = [metrics[f"fedmoe/utilisation/expert_{e + 1}"] for e in range(K)]
+    assert sum(utilisation) == pytest.approx(1.0)
+    top = hand_q(new["moe"], ctx.val).argmax(1)
+    assert utilisation == pytest.approx([float((top == e).float().mean()) for e in range(K)])
+    for key in ("fedmoe/gate_entropy", "fedmoe/label_entropy"):
+        assert isinstance(metrics[key], float)
+    w_r, w_c = metrics["fedmoe/W_r"], metrics["fedmoe/W_c"]
+    assert isinstance(w_r, torch.Tensor) and w_r.dim() == 2 and w_r.shape == (K, len(results))
+    assert isinstance(w_c, torch.Tensor) and w_c.dim() == 2 and w_c.shape == (K + 1, len(results))
+    torch.testing.assert_close(w_r.sum(1), torch.ones(K))
+    torch.testing.assert_close(w_c.sum(0), torch.ones(len(results)))
+
+
+def test_round_metrics_of_a_fresh_state_are_empty():
+    algo, ctx, state, _ = setup_round()
+    assert algo.round_metrics(state) == {}

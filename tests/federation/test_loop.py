@@ -1,0 +1,91 @@
+"""The round loop on scikit-learn's digits with the real client module and executor."""
+
+import logging
+import math
+
+import pytest
+import torch
+
+from fedmoe.algorithms.fedavg import FedAvg
+from fedmoe.algorithms.fedmoe import FedMoE
+from fedmoe.algorithms.fusion import num_bytes
+from fedmoe.data.digits import DigitsDataModule
+from fedmoe.data.federated import ArrayDataset
+from fedmoe.errors import RoundError
+from fedmoe.federation.loop import FederatedLoop, Federation
+from fedmoe.federation.runner import RunnerSettings
+from fedmoe.models.classifier import Classifier
+
+
+class ExplodingDataset(ArrayDataset):
+    def __getitems__(self, indices):
+        raise RuntimeError("disk vanished")
+
+
+class FaultyDigits(DigitsDataModule):
+    """Digits where client 0 has NaN inputs and client 1's data cannot be read."""
+
+    def build(self):
+        splits = super().build()
+        c0 = splits.client_train[0]
+        splits.client_train[0] = ArrayDataset(torch.full_like(c0.x, float("nan")), c0.y, c0.index)
+        c1 = splits.client_train[1]
+        splits.client_train[1] = ExplodingDataset(c1.x, c1.y, c1.index)
+        return splits
+
+
+def _loop(tmp_path, algorithm=None, dm=None, **fed):
+    torch.manual_seed(0)
+    module = Classifier("digits_cnn", 10, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    federation = Federation(algorithm=algorithm or FedAvg(), progress=False, **fed)
+    return FederatedLoop(federation, module, dm or DigitsDataModule(num_clients=6), RunnerSettings(max_epochs=1),
+                         run_dir=tmp_path / "run", seed=0, config={"k": 1})
+
+
+def test_fedavg_rounds_log_metrics_bytes_and_checkpoint(tmp_path):
+    loop = _loop(tmp_path, rounds=2, clients_per_round=3)
+    summary = loop.fit()
+    assert summary["rounds"] == 2 and len(loop.history) == 2
+    row = loop.history[-1]
+    model_bytes = num_bytes(loop.template)
+    assert row["comm/bytes_up"] == 3 * model_bytes and row["comm/bytes_down"] == 3 * model_bytes
+    for key in ("server/test_acc", "server/val_loss", "clients/acc_mean", "clients/acc_min", "time/round_s"):
+        assert math.isfinite(row[key])
+    assert row["clients/acc_min"] <= row["clients/acc_mean"] <= row["clients/acc_max"]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    lines = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("round,")
+
+
+def test_failing_and_non_finite_clients_are_dropped_and_logged(tmp_path, caplog):
+    loop = _loop(tmp_path, dm=FaultyDigits(num_clients=6), rounds=1, clients_per_round=6, min_clients=2)
+    with caplog.at_level(logging.WARNING):
+        loop.fit()
+    row = loop.history[0]
+    assert row["clients/ok"] == 4 and row["clients/dropped"] == 2
+    text = caplog.text
+    assert "client 0 returned non-finite weights" in text and "disk vanished" in text
+    assert all(torch.isfinite(v).all() for v in loop.state["global"].values() if v.is_floating_point())
+
+
+def test_round_stops_when_too_few_clients_survive(tmp_path):
+    loop = _loop(tmp_path, dm=FaultyDigits(num_clients=6), rounds=1, clients_per_round=6, min_clients=5)
+    with pytest.raises(RoundError, match=r"only 4 of 6 clients survived \(federation.min_clients=5\)"):
+        loop.fit()
+
+
+def test_fedmoe_personalises_only_sampled_clients(tmp_path):
+    loop = _loop(tmp_path, algorithm=FedMoE(num_routed=2, num_main=1), rounds=2, clients_per_round=2)
+    loop.fit()
+    sampled = {int(c) for row in loop.history for c in row["clients"].split()}
+    assert set(loop.store.weights) == sampled
+    row = loop.history[-1]
+    assert row["comm/bytes_down"] == 2 * num_bytes(loop.template)
+    assert abs(sum(row[f"fedmoe/utilisation/expert_{e}"] for e in (1, 2)) - 1) < 1e-6
+
+
+def test_persistent_optimizer_state_is_kept_per_client(tmp_path):
+    loop = _loop(tmp_path, rounds=1, clients_per_round=2, persistent_optimizer=True)
+    loop.fit()
+    assert len(loop.store.optimizers) == 2
+    assert not loop.store.weights
