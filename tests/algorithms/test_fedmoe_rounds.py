@@ -403,3 +403,12 @@ def test_round_metrics_report_alpha_utilisation_and_matrices():
 def test_round_metrics_of_a_fresh_state_are_empty():
     algo, ctx, state, _ = setup_round()
     assert algo.round_metrics(state) == {}
+
+
+def test_aggregate_leaves_the_frozen_experts_in_eval_mode():
+    # ServerMoEModule promises that frozen experts and mains always stay in eval mode (so that a
+    # forward in training mode never moves their BatchNorm statistics)
+    algo, ctx, state, results = setup_round()
+    new = algo.aggregate(state, results, ctx)
+    moe = algo.server_module(new, ctx).moe
+    assert not any(m.training for m in [*moe.experts, *moe.mains])

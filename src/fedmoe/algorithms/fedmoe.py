@@ -65,17 +65,6 @@ def sync_weights(s: torch.Tensor, alpha: float, has_main: bool, mode: str = "pap
     return torch.softmax(torch.cat([top, alpha * s]), dim=0)
 
 
-class _GateLogits(nn.Module):
-    """A view of the MoE that outputs the gate's clean logits G(x)."""
-
-    def __init__(self, moe: ServerMoE) -> None:
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x: Any) -> torch.Tensor:
-        return self.moe.gate(x)
-
-
 class FedMoE(Algorithm):
     """Fed-MoE with the paper's defaults; code behaviours as named options.
 
@@ -303,7 +292,7 @@ class FedMoE(Algorithm):
 
     def gate_relevance(self, moe: ServerMoE, ctx: ServerContext) -> torch.Tensor:
         """Q (n x K): gate probabilities on the probe set (eval, no noise), or their top-1 one-hot."""
-        logits, _ = ctx.predict(_GateLogits(moe), ctx.probe)
+        logits, _ = ctx.predict(moe.gate, ctx.probe)
         q = torch.softmax(logits.float(), dim=1)
         if self.relevance_gate == "onehot":
             q = torch.nn.functional.one_hot(q.argmax(1), q.shape[1]).float()
@@ -311,7 +300,7 @@ class FedMoE(Algorithm):
 
     def gate_statistics(self, moe: ServerMoE, ctx: ServerContext) -> dict[str, Any]:
         """Routing on the validation set: utilisation per expert, gate entropy, label entropy H_lab."""
-        logits, targets = ctx.predict(_GateLogits(moe), ctx.val)
+        logits, targets = ctx.predict(moe.gate, ctx.val)
         probs = torch.softmax(logits.float(), dim=1)
         topk = probs.topk(self.top_k, dim=1).indices
         gates = torch.zeros_like(probs).scatter(1, topk, probs.gather(1, topk))

@@ -23,6 +23,8 @@ class ProximalTerm:
             for name, p in net.named_parameters()
             if p.requires_grad
         ]
+        if not terms:
+            return torch.zeros(())
         return 0.5 * self.mu * torch.stack(terms).sum()
 
 

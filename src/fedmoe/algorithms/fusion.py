@@ -44,7 +44,10 @@ def mix(
     def acc_dtype(t: torch.Tensor) -> torch.dtype:
         return torch.promote_types(t.dtype, torch.float32)
 
-    acc = [base[k].detach().to(acc_dtype(base[k])) * base_weight for k in keys]
+    if base_weight == 0.0:  # start from zeros, so a non-finite base cannot leak into the result
+        acc = [torch.zeros_like(base[k], dtype=acc_dtype(base[k])) for k in keys]
+    else:
+        acc = [base[k].detach().to(acc_dtype(base[k])) * base_weight for k in keys]
     for s, w in zip(states, weights):
         if w == 0.0:
             continue
