@@ -25,6 +25,7 @@ import argparse
 import cProfile
 import gc
 import io
+import os
 import pstats
 import random
 import statistics
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> float:
     datasets = dm.splits.client_train
     print(f"FEMNIST: {args.clients} clients, {sum(len(d) for d in datasets)} training samples "
           f"(loaded in {time.perf_counter() - t:.1f} s); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
 
     with tempfile.TemporaryDirectory(prefix="round_overhead_") as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> float:
                 print(
                     f"round {r:3d}   engine {we:7.3f} s (train+aggregate {pe['train']:.3f}, log {pe['log']:.3f}, "
                     f"checkpoint {pe['ckpt']:.3f})   bare {wb:7.3f} s   ratio {we / wb:.3f}   "
-                    f"train loss {engine.last_loss:.3f} / {bare.last_loss:.3f}"
+                    f"CPU {ce:.1f} / {cb:.1f} s   train loss {engine.last_loss:.3f} / {bare.last_loss:.3f}"
                 )
             if args.profile:
                 r += 1
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> float:
     med = [statistics.median(col) for col in zip(*rows)]
     ratio = med[0] / med[1]
     pair_ratio = statistics.median(we / wb for we, wb, _, _ in rows)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
     print(f"median wall  engine {med[0]:.3f} s   bare {med[1]:.3f} s")
     print(f"median CPU   engine {med[2]:.3f} s   bare {med[3]:.3f} s   ratio {med[2] / med[3]:.3f}")
     print(f"median of per-round ratios (engine/bare): {pair_ratio:.3f}")

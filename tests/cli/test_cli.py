@@ -11,6 +11,7 @@ from fedmoe.federation.checkpoint import load_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
 FAST = ["--trainer.max_epochs", "1", "--federation.progress", "false"]
+ROUNDS = ["--federation.rounds"]
 
 
 def fit(run_dir, *extra):

@@ -114,7 +114,7 @@ class FedMoE(Algorithm):
         w_aux: float = 1.0,
         label_smoothing: float = 0.0,
         load: Literal["count", "smooth"] = "count",
-        entropy_mode: Literal["paper", "code"] = "paper",
+        entropy_mode: Literal["paper", "conditional", "code"] = "paper",
         confidence: Literal["probability", "logit"] = "probability",
         relevance_gate: Literal["soft", "onehot"] = "soft",
         relevance_norm: Literal["sum", "mean"] = "sum",

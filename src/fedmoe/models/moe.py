@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 GateValue = Literal["probability", "renormalised"]
 LoadMode = Literal["count", "smooth"]
-EntropyMode = Literal["paper", "code"]
+EntropyMode = Literal["paper", "conditional", "code"]
 
 NOISE_EPSILON = 1e-2
 """Floor added to the noise scale: std = softplus(G_n(x)) + 1e-2 (Shazeer et al., 2017)."""
@@ -225,20 +225,26 @@ def gating_entropy(
     S[e,y] = sum_b g[b,e] 1[t_b = y] (K x C). ``paper``: mean_e H(S[e,:] / sum_y S[e,y]), with
     0 log 0 = 0 and experts that received nothing contributing 0. ``code``: the released code's
     mean_e H(softmax(S[e,:])), where an empty row is uniform and contributes log C.
+    ``conditional``: H(Y | E) = sum_e (S_e / sum S) H(S[e,:] / S_e), each expert weighted by the
+    gate mass it received. The unweighted mean rewards routing everything to one expert (its
+    value is then H(Y) / K, below that of a balanced but unspecialised routing); H(Y | E) is at its
+    maximum H(Y) there and falls only when experts specialise.
     """
     g = gates.to(torch.promote_types(gates.dtype, torch.float32))
     s = g.new_zeros(num_classes, g.shape[1]).index_add(0, targets, g).transpose(0, 1)
-    if mode == "paper":
+    if mode in ("paper", "conditional"):
         total = s.sum(1, keepdim=True)
         p = s / torch.where(total > 0, total, torch.ones_like(total))
         positive = p > 0
         log_p = torch.log(torch.where(positive, p, torch.ones_like(p)))
         h = -torch.where(positive, p * log_p, torch.zeros_like(p)).sum(1)
+        if mode == "conditional":
+            return (total.squeeze(1) * h).sum() / total.sum().clamp_min(1e-12)
     elif mode == "code":
         log_p = F.log_softmax(s, dim=1)
         h = -(log_p.exp() * log_p).sum(1)
     else:
-        raise ValueError(f"entropy mode must be 'paper' or 'code', got {mode!r}")
+        raise ValueError(f"entropy mode must be 'paper', 'conditional' or 'code', got {mode!r}")
     return h.mean()
 
 
