@@ -11,7 +11,6 @@ from fedmoe.federation.checkpoint import load_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "experiments" / "quickstart.yaml")
 FAST = ["--trainer.max_epochs", "1", "--federation.progress", "false"]
-ROUNDS = ["--federation.rounds"]
 
 
 def fit(run_dir, *extra):
@@ -82,7 +81,7 @@ def test_checkpoint_from_another_config_is_refused_naming_the_key(tmp_path, caps
     code = fit(run, "--federation.rounds", "2", "--ckpt_path", "last", "--federation.algorithm.init_args.lam", "0.3")
     assert code == 2
     line = one_error_line(capsys)
-    assert "federation.algorithm.init_args.lam (0.1 -> 0.3)" in line
+    assert "federation.algorithm.init_args.lam (0.5 -> 0.3)" in line
 
 
 def test_new_run_in_a_folder_holding_a_run_is_refused(tmp_path, capsys):
