@@ -89,3 +89,47 @@ def test_persistent_optimizer_state_is_kept_per_client(tmp_path):
     loop.fit()
     assert len(loop.store.optimizers) == 2
     assert not loop.store.weights
+
+
+class CrashingDigits(DigitsDataModule):
+    """Digits whose client data raises KeyboardInterrupt (like a kill) on the n-th batch read."""
+
+    def __init__(self, crash_at: int, **kw):
+        super().__init__(**kw)
+        self.crash_at = crash_at
+
+    def build(self):
+        splits = super().build()
+        counter = self.counter = {"reads": 0}
+        crash_at = self.crash_at
+
+        class Dataset(ArrayDataset):
+            def __getitems__(self, indices):
+                counter["reads"] += 1
+                if counter["reads"] == crash_at:
+                    raise KeyboardInterrupt("killed")
+                return super().__getitems__(indices)
+
+        splits.client_train = [Dataset(d.x, d.y, d.index, d.transform) for d in splits.client_train]
+        return splits
+
+
+def test_run_killed_mid_round_resumes_bit_identical(tmp_path):
+    full = _loop(tmp_path / "a", algorithm=FedMoE(num_routed=2), rounds=3, clients_per_round=3)
+    full.fit()
+    counting = CrashingDigits(crash_at=-1, num_clients=6)
+    _loop(tmp_path / "c", algorithm=FedMoE(num_routed=2), rounds=2, clients_per_round=3, dm=counting).fit()
+    reads_in_two_rounds = counting.counter["reads"]
+    crashing = _loop(tmp_path / "b", algorithm=FedMoE(num_routed=2), rounds=3, clients_per_round=3,
+                     dm=CrashingDigits(crash_at=reads_in_two_rounds + 3, num_clients=6))
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    assert crashing.round == 2
+    resumed = _loop(tmp_path / "b", algorithm=FedMoE(num_routed=2), rounds=3, clients_per_round=3)
+    resumed.fit(ckpt_path=resumed.ckpt_path)
+    for key, value in full.state["moe"].items():
+        assert torch.equal(value, resumed.state["moe"][key]), key
+    for cid, weights in full.store.weights.items():
+        assert all(torch.equal(v, resumed.store.weights[cid][k]) for k, v in weights.items())
+    drop_time = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert drop_time(full.history) == drop_time(resumed.history)
