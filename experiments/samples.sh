@@ -5,10 +5,14 @@
 set -euo pipefail
 data=${1:-../shared/data}
 runs=${2:-runs/samples}
+# Reduced from the paper's settings to fit 2 CPU cores: FEMNIST 20 clients x 4 writers, 20 rounds,
+# 2 local epochs (paper 5); CIFAR-10 10 clients, 8 rounds, 1 local epoch (paper 2), T = 1 (paper 5).
 femnist=(--data.data_dir "$data/femnist" --data.num_clients 20 --data.writers_per_client 4
-         --data.server_writers 10 --data.probe_writers 1 --federation.rounds 30 --federation.progress false)
-cifar=(--data.data_dir "$data/cifar10" --data.num_clients 10 --data.server_per_class 100
-       --data.val_per_class 50 --data.probe_per_class 20 --federation.rounds 12 --federation.progress false)
+         --data.server_writers 10 --data.probe_writers 1 --federation.rounds 20 --trainer.max_epochs 2
+         --federation.progress false)
+cifar=(--data.data_dir "$data/cifar10" --data.num_clients 10 --data.server_per_class 50
+       --data.val_per_class 50 --data.probe_per_class 20 --federation.rounds 8 --trainer.max_epochs 1
+       --federation.progress false)
 for algo in fedmoe fedavg fedprox; do
   python -m fedmoe.cli fit --config "experiments/femnist/$algo.yaml" "${femnist[@]}" \
     --trainer.default_root_dir "$runs/femnist/$algo"
