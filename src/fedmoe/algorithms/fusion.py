@@ -51,7 +51,7 @@ def mix(
     for s, w in zip(states, weights):
         if w == 0.0:
             continue
-        torch._foreach_add_(acc, [s[k].detach().to(a.dtype) for k, a in zip(keys, acc)], alpha=float(w))
+        torch._foreach_add_(acc, [s[k].detach().to(a.device, a.dtype) for k, a in zip(keys, acc)], alpha=float(w))
     for k, a in zip(keys, acc):
         out[k] = a.to(base[k].dtype)
     return {k: out[k] for k in base}

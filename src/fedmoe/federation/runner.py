@@ -10,6 +10,7 @@ costs (benchmarks/round_overhead.py).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 Regularizer = Callable[[nn.Module], torch.Tensor]
 
@@ -59,6 +62,11 @@ class RunnerSettings:
             kw["devices"] = 1
         if kw.get("max_epochs", 1) < 0:
             kw["max_epochs"] = 1
+        if cfg.get("strategy") not in (None, "auto") or (cfg.get("num_nodes") or 1) != 1:
+            log.warning(
+                "trainer.strategy=%r / num_nodes=%r are not used: clients train on one device each",
+                cfg.get("strategy"), cfg.get("num_nodes"),
+            )
         return cls(**kw)
 
 
