@@ -248,6 +248,24 @@ def test_every_main_expert_is_updated_like_e0():
         assert_state_close(part(new["moe"], f"mains.{i}."), expected)
 
 
+def test_main_epochs_train_the_main_expert_alone_on_server_data():
+    torch.manual_seed(0)
+    algo, ctx, state, results = setup_round(main_update="mean", server_schedule="pretrain_only")
+    fused = algo.aggregate(state, results, ctx)
+    torch.manual_seed(0)
+    algo, ctx, state, results = setup_round(
+        main_update="mean", server_schedule="pretrain_only", main_epochs=3, main_lr=1e-2
+    )
+    trained = algo.aggregate(state, results, ctx)
+    mains = [k for k in fused["moe"] if k.startswith("mains.0.") and fused["moe"][k].is_floating_point()]
+    assert any(not torch.equal(fused["moe"][k], trained["moe"][k]) for k in mains)
+    for k in fused["moe"]:
+        if k.startswith("experts."):
+            assert torch.equal(fused["moe"][k], trained["moe"][k]), k
+    moe = algo._module.moe
+    assert not moe.mains[0].training and not any(p.requires_grad for p in moe.mains[0].parameters())
+
+
 # -- the server step ------------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from fedmoe.algorithms.base import Algorithm, ClientPlan, ClientResult, ServerContext, ServerState, StateDict
 from fedmoe.algorithms.fusion import mix, weighted_average
 from fedmoe.models.moe import ServerMoE, expert_utilisation, gating_entropy
-from fedmoe.models.moe_module import ServerMoEModule
+from fedmoe.models.moe_module import ExpertModule, ServerMoEModule
 
 
 def confidences(logits: torch.Tensor, targets: torch.Tensor, mode: str = "probability") -> torch.Tensor:
@@ -85,6 +85,8 @@ class FedMoE(Algorithm):
         relevance_temperature: tau dividing R before the softmax.
         expert_update: ``moving`` | ``replace`` (FEMNIST code: lambda = 1).
         main_update: ``moving`` | ``mean`` (FEMNIST and CIFAR code: the plain mean of the clients).
+        main_epochs, main_lr: after its update, train each main expert alone on D_s for this many
+            epochs with Adam at ``main_lr`` (the CIFAR code: 20 epochs); 0 (default) skips it.
         server_epochs: epochs of gate training per server step.
         server_schedule: ``every_iteration`` | ``pretrain_only`` (FEMNIST and Yelp code: one epoch before round 1).
         train_experts_on_server: the CIFAR code trains the experts on D_s too.
@@ -121,6 +123,8 @@ class FedMoE(Algorithm):
         relevance_temperature: float = 1.0,
         expert_update: Literal["moving", "replace"] = "moving",
         main_update: Literal["moving", "mean"] = "moving",
+        main_epochs: int = 0,
+        main_lr: float = 5e-5,
         server_epochs: int = 1,
         server_schedule: Literal["every_iteration", "pretrain_only"] = "every_iteration",
         train_experts_on_server: bool = False,
@@ -232,6 +236,8 @@ class FedMoE(Algorithm):
                 else:
                     share = (self.lam * sizes / sizes.sum()).tolist()
                     main.load_state_dict(mix(main.state_dict(), clients, share, 1.0 - self.lam))
+                if self.main_epochs > 0:
+                    self._train_alone(main, ctx)
             if self.server_schedule == "every_iteration":
                 optimizer_state = ctx.fit(module, ctx.server_train, self.server_epochs, optimizer_state)
             val = ctx.evaluate(module, ctx.val)
@@ -260,6 +266,17 @@ class FedMoE(Algorithm):
         for i, r in enumerate(results):
             out[r.client_id] = mix(r.weights, experts, ((1.0 - keep) * w_c[:, i]).tolist(), keep)
         return out
+
+    def _train_alone(self, net: nn.Module, ctx: ServerContext) -> None:
+        """Train one expert on D_s with cross-entropy, then restore its mode and frozen flags."""
+        was_training = net.training
+        flags = [p.requires_grad for p in net.parameters()]
+        for p in net.parameters():
+            p.requires_grad_(True)
+        ctx.fit(ExpertModule(net, self.main_lr, self.label_smoothing), ctx.server_train, self.main_epochs)
+        for p, flag in zip(net.parameters(), flags):
+            p.requires_grad_(flag)
+        net.train(was_training)
 
     def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
         return self._module_for(state, ctx)

@@ -113,3 +113,23 @@ class ServerMoEModule(L.LightningModule):
             group["params"] = [p for p in group["params"] if p.requires_grad]
         groups = [group for group in groups if group["params"]]
         return torch.optim.Adam(groups, weight_decay=self.weight_decay, eps=self.eps)
+
+
+class ExpertModule(L.LightningModule):
+    """One expert trained alone on server data with cross-entropy (the CIFAR code's ``main_epochs``)."""
+
+    def __init__(self, net: torch.nn.Module, lr: float = 5e-5, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x: Any) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Any, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y, label_smoothing=self.label_smoothing)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.net.parameters(), lr=self.lr)
