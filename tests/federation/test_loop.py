@@ -133,3 +133,12 @@ def test_run_killed_mid_round_resumes_bit_identical(tmp_path):
         assert all(torch.equal(v, resumed.store.weights[cid][k]) for k, v in weights.items())
     drop_time = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
     assert drop_time(full.history) == drop_time(resumed.history)
+
+
+def test_evaluating_more_or_less_often_does_not_change_training(tmp_path):
+    every = _loop(tmp_path / "a", rounds=3, clients_per_round=2, eval_every=1)
+    every.fit()
+    rarely = _loop(tmp_path / "b", rounds=3, clients_per_round=2, eval_every=3, client_eval=False)
+    rarely.fit()
+    for key, value in every.state["global"].items():
+        assert torch.equal(value, rarely.state["global"][key]), key

@@ -53,6 +53,9 @@ class ServerContext(Protocol):
     def build_network(self, num_outputs: int | None = None) -> nn.Module:
         """A fresh client-architecture network with a ``num_outputs``-way head (default: the classes)."""
 
+    def load_network(self, weights: StateDict) -> nn.Module:
+        """A reused client-architecture network holding ``weights`` (for evaluation)."""
+
     def client_template(self) -> StateDict:
         """The common initial client weights."""
 
@@ -100,9 +103,7 @@ class Algorithm(ABC):
 
     def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
         """The server model to evaluate (the global model, or Fed-MoE's mixture)."""
-        net = ctx.build_network()
-        net.load_state_dict(state["global"])
-        return net
+        return ctx.load_network(state["global"])
 
     def round_metrics(self, state: ServerState) -> dict[str, Any]:
         """Algorithm-specific scalars (and images as 2-D tensors under ``image/``) to log."""

@@ -138,7 +138,12 @@ class FederatedDataModule(L.LightningDataModule):
         )
 
     def eval_loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=_collate_for(dataset))
+        """An ordered loader. Its own generator keeps it from drawing the global RNG (every
+        DataLoader iterator draws a base seed), so evaluating never changes a run's training."""
+        return DataLoader(
+            dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=_collate_for(dataset),
+            generator=torch.Generator(),
+        )
 
     def client_train_loader(self, client_id: int) -> DataLoader:
         self.setup()

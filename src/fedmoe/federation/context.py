@@ -28,9 +28,19 @@ class EngineContext:
         self._template = template
         server_settings = replace(settings, limit_train_batches=None, max_steps=-1, gradient_clip_val=None)
         self.runner = LocalRunner(server_settings)
+        self._network: nn.Module | None = None
 
     def build_network(self, num_outputs: int | None = None) -> nn.Module:
         return self.module.build_network(num_outputs)
+
+    def load_network(self, weights: StateDict) -> nn.Module:
+        """One reused client-architecture network with ``weights`` loaded. It is built once without
+        drawing from the global RNG, so evaluating (or not) never changes a run's random numbers."""
+        if self._network is None:
+            with torch.random.fork_rng(devices=[]):
+                self._network = self.build_network()
+        self._network.load_state_dict(weights)
+        return self._network
 
     def client_template(self) -> StateDict:
         return self._template

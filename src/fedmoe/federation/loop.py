@@ -137,7 +137,6 @@ class FederatedLoop:
         self.sampler = ClientSampler(n, self.fed.clients_per_round, self.fed.sampling, self.seed)
         self.ctx = EngineContext(self.module, self.datamodule, self.settings, self.template)
         self.fed.executor.bind(self.module, self.datamodule, self.settings)
-        self._eval_net = self.module.build_network()
         self._ready = True
 
     # -- state ----------------------------------------------------------------------------------
@@ -292,15 +291,14 @@ class FederatedLoop:
 
     def evaluate_clients(self, synced: dict[int, StateDict]) -> dict[str, float]:
         """Each participating client's synced model on its own held-out split."""
-        accs, loaded = [], None
+        accs, loaded, net = [], None, None
         for cid, weights in synced.items():
             dataset = self.datamodule.splits.client_test[cid]
             if len(dataset) == 0:
                 continue
             if loaded is not weights:
-                self._eval_net.load_state_dict(weights)
-                loaded = weights
-            accs.append(self.ctx.evaluate(self._eval_net, dataset)["acc"])
+                net, loaded = self.ctx.load_network(weights), weights
+            accs.append(self.ctx.evaluate(net, dataset)["acc"])
         if not accs:
             return {}
         return {"clients/acc_mean": _mean(accs), "clients/acc_min": min(accs), "clients/acc_max": max(accs)}
