@@ -29,6 +29,13 @@ class ClientPlan:
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None
     """Added to the local loss at every step (FedProx's proximal term)."""
     options: dict[str, Any] = field(default_factory=dict)
+    upload_keys: frozenset[str] | None = None
+    """State-dict keys the client sends back after training (None: all of them). Adapter rules
+    send only what they aggregate; ``weights`` may then also be a subset of the network's keys,
+    loaded over the network's current values."""
+    wire_bytes: int | None = None
+    """Bytes that really travel to the client, when they differ from ``weights``'s (a residual sent
+    as low-rank factors, a frozen matrix the client already holds); None: ``num_bytes(weights)``."""
 
 
 @dataclass
@@ -68,7 +75,16 @@ class ServerContext(Protocol):
         """Train a LightningModule on ``dataset``; return its optimizer state."""
 
     def evaluate(self, module: nn.Module, dataset: Dataset) -> dict[str, float]:
-        """Mean loss and accuracy of a classifier on ``dataset`` (keys ``loss``, ``acc``)."""
+        """Mean loss and accuracy of a classifier on ``dataset`` (keys ``loss``, ``acc``), plus the
+        data set's own metrics (GLUE: ``mcc``, ``f1``, ``pearson``, ...)."""
+
+    def adapted_layers(self) -> list:
+        """The client network's PEFT-adapted layers (:mod:`fedmoe.algorithms.lora.layout`);
+        empty for networks without adapters."""
+
+    def trainable_keys(self) -> set[str]:
+        """State-dict keys of the client network's trainable parameters (as built, before any
+        algorithm freezes some)."""
 
 
 class Algorithm(ABC):
@@ -104,6 +120,16 @@ class Algorithm(ABC):
     def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
         """The server model to evaluate (the global model, or Fed-MoE's mixture)."""
         return ctx.load_network(state["global"])
+
+    def upload_bytes(self, result: ClientResult) -> int:
+        """Bytes a client's upload costs on the wire (default: every tensor it returned)."""
+        from fedmoe.algorithms.fusion import num_bytes
+
+        return num_bytes(result.weights)
+
+    def frozen_keys(self, ctx: ServerContext) -> set[str]:
+        """Parameters that clients never train (FFA-LoRA's shared ``lora_A``); default none."""
+        return set()
 
     def round_metrics(self, state: ServerState) -> dict[str, Any]:
         """Algorithm-specific scalars (and images as 2-D tensors under ``image/``) to log."""

@@ -1,0 +1,1 @@
+"""Federated LoRA: aggregation rules over adapter tensors (one module per rule)."""
