@@ -12,6 +12,7 @@ from typing import Callable
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -113,6 +114,20 @@ class FederatedDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.seed = seed
         self.splits: FederatedSplits | None = None
+
+    #: The validation metric that picks the best round, and whether lower or higher is better.
+    monitor: tuple[str, str] = ("loss", "min")
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Evaluation metrics of a model's outputs: mean cross-entropy ``loss`` and accuracy ``acc``.
+
+        Data sets with other metrics (GLUE's Matthews correlation, F1, Pearson) override this and
+        :attr:`monitor`.
+        """
+        return {
+            "loss": F.cross_entropy(outputs, targets).item(),
+            "acc": (outputs.argmax(1) == targets).float().mean().item(),
+        }
 
     def build(self) -> FederatedSplits:
         """Read the files and split them; raise :class:`fedmoe.errors.DataError` on bad input."""

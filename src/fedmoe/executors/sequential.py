@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from fedmoe.algorithms.base import ClientResult
 from fedmoe.executors.base import ClientFailure, ClientOutcome, ClientTask, Executor
+from fedmoe.federation.context import load_weights
 from fedmoe.federation.runner import LocalRunner
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class Sequential(Executor):
 
     def _train(self, task: ClientTask) -> ClientOutcome:
         net = self.module.net
-        net.load_state_dict(task.plan.weights)
+        load_weights(net, task.plan.weights)
         dataset = self.datamodule.splits.client_train[task.client_id]
         fit = self.runner.fit(
             self.module,
@@ -48,7 +49,10 @@ class Sequential(Executor):
             optimizer_state=task.optimizer_state,
             return_optimizer_state=task.keep_optimizer,
         )
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+        keep = task.plan.upload_keys
+        weights = {
+            k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items() if keep is None or k in keep
+        }
         result = ClientResult(
             client_id=task.client_id,
             num_samples=len(dataset),

@@ -29,6 +29,9 @@ class EngineContext:
         server_settings = replace(settings, limit_train_batches=None, max_steps=-1, gradient_clip_val=None)
         self.runner = LocalRunner(server_settings)
         self._network: nn.Module | None = None
+        net = module.net
+        self._adapted = list(net.adapted_layers()) if hasattr(net, "adapted_layers") else []
+        self._trainable = {k for k, p in net.named_parameters() if p.requires_grad}
 
     def build_network(self, num_outputs: int | None = None) -> nn.Module:
         return self.module.build_network(num_outputs)
@@ -39,8 +42,14 @@ class EngineContext:
         if self._network is None:
             with torch.random.fork_rng(devices=[]):
                 self._network = self.build_network()
-        self._network.load_state_dict(weights)
+        load_weights(self._network, weights)
         return self._network
+
+    def adapted_layers(self) -> list:
+        return self._adapted
+
+    def trainable_keys(self) -> set[str]:
+        return set(self._trainable)
 
     def client_template(self) -> StateDict:
         return self._template
@@ -53,4 +62,18 @@ class EngineContext:
         return self.runner.fit(module, loader, epochs=epochs, optimizer_state=optimizer_state).optimizer_state
 
     def evaluate(self, module: nn.Module, dataset: Dataset) -> dict[str, float]:
-        return self.runner.evaluate(module, self.datamodule.eval_loader(dataset))
+        return self.runner.evaluate(module, self.datamodule.eval_loader(dataset), self.datamodule.metrics)
+
+
+def load_weights(net: nn.Module, weights: StateDict) -> None:
+    """Load a full state dict strictly, or a subset of keys over the network's current values.
+
+    Adapter rules send only what varies (adapters, head, corrected base weights); the frozen rest
+    of the network is the same everywhere and never travels.
+    """
+    if len(weights) == len(net.state_dict()):
+        net.load_state_dict(weights)
+        return
+    unexpected = net.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected:
+        raise KeyError(f"weights have keys the network does not: {sorted(unexpected)[:3]}")

@@ -136,6 +136,10 @@ class FederatedLoop:
             )
         self.sampler = ClientSampler(n, self.fed.clients_per_round, self.fed.sampling, self.seed)
         self.ctx = EngineContext(self.module, self.datamodule, self.settings, self.template)
+        frozen = self.algo.frozen_keys(self.ctx)
+        for name, param in self.module.net.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
         self.fed.executor.bind(self.module, self.datamodule, self.settings)
         self._ready = True
 
@@ -218,7 +222,7 @@ class FederatedLoop:
             own = self.store.get_weights(cid) if self.algo.personalised else None
             plan = self.algo.configure_client(self.state, cid, own if own is not None else self.template)
             if plan.transmit:
-                bytes_down += num_bytes(plan.weights)
+                bytes_down += num_bytes(plan.weights) if plan.wire_bytes is None else plan.wire_bytes
             opt = self.store.get_optimizer(cid) if self.fed.persistent_optimizer else None
             tasks.append(ClientTask(cid, plan, opt, keep_optimizer=self.fed.persistent_optimizer))
         outcomes = self.fed.executor.run(tasks)
@@ -241,7 +245,7 @@ class FederatedLoop:
                 f"round {r}: only {len(results)} of {len(ids)} clients survived (federation.min_clients="
                 f"{self.fed.min_clients}); dropped: {'; '.join(dropped)}"
             )
-        bytes_up = sum(num_bytes(res.weights) for res in results)
+        bytes_up = sum(self.algo.upload_bytes(res) for res in results)
         self.state = self.algo.aggregate(self.state, results, self.ctx)
         synced = self.algo.sync(self.state, results, self.ctx)
         if self.algo.sync_transmits:
@@ -275,33 +279,45 @@ class FederatedLoop:
         return row, images
 
     def evaluate_server(self, r: int) -> dict[str, float]:
-        """Server model on validation and test; tracks the test accuracy at the best validation loss."""
+        """Server model on validation and test; tracks the test metrics at the best validation round
+        (by the data set's ``monitor``: validation loss, or e.g. Matthews correlation for CoLA)."""
         server = self.algo.server_module(self.state, self.ctx)
         val = self.ctx.evaluate(server, self.ctx.val)
         test = self.ctx.evaluate(server, self.ctx.test)
-        if _finite(val["loss"]) and (not self.best or val["loss"] < self.best["val_loss"]):
-            self.best = {"round": r, "val_loss": val["loss"], "test_acc": test["acc"], "test_loss": test["loss"]}
-        return {
-            "server/val_loss": val["loss"],
-            "server/val_acc": val["acc"],
-            "server/test_loss": test["loss"],
-            "server/test_acc": test["acc"],
-            "server/best_test_acc": self.best.get("test_acc", math.nan),
-        }
+        name, mode = self.datamodule.monitor
+        score = val.get(name, math.nan)
+        if _finite(score) and (not self.best or _better(score, self.best.get("val_" + name, self.best.get("val_loss")), mode)):
+            self.best = {
+                "round": r, "val_" + name: score, "val_loss": val["loss"],
+                "test_acc": test.get("acc", math.nan), "test_loss": test["loss"],
+                **{"test_" + k: v for k, v in test.items() if k not in ("n", "loss", "acc")},
+            }
+        row = {}
+        for split, metrics in (("val", val), ("test", test)):
+            row.update({f"server/{split}_{k}": v for k, v in metrics.items() if k != "n"})
+        row["server/best_test_acc"] = self.best.get("test_acc", math.nan)
+        if name not in ("loss", "acc"):
+            row[f"server/best_test_{name}"] = self.best.get("test_" + name, math.nan)
+        return row
 
     def evaluate_clients(self, synced: dict[int, StateDict]) -> dict[str, float]:
-        """Each participating client's synced model on its own held-out split."""
-        accs, loaded, net = [], None, None
+        """Each participating client's synced model on its own held-out split (accuracy and the
+        data set's monitored metric: mean, min and max over clients)."""
+        per_client, loaded, net = [], None, None
         for cid, weights in synced.items():
             dataset = self.datamodule.splits.client_test[cid]
             if len(dataset) == 0:
                 continue
             if loaded is not weights:
                 net, loaded = self.ctx.load_network(weights), weights
-            accs.append(self.ctx.evaluate(net, dataset)["acc"])
-        if not accs:
-            return {}
-        return {"clients/acc_mean": _mean(accs), "clients/acc_min": min(accs), "clients/acc_max": max(accs)}
+            per_client.append(self.ctx.evaluate(net, dataset))
+        row: dict[str, float] = {}
+        for key in dict.fromkeys(["acc", self.datamodule.monitor[0]]):
+            values = [m[key] for m in per_client if _finite(m.get(key))]
+            if key != "loss" and values:
+                row.update({f"clients/{key}_mean": _mean(values), f"clients/{key}_min": min(values),
+                            f"clients/{key}_max": max(values)})
+        return row
 
     def evaluate(self, split: Literal["val", "test"]) -> dict[str, float]:
         """The server model of the loaded state on the validation or test set."""
@@ -321,6 +337,12 @@ class FederatedLoop:
             "clients_acc_mean": last.get("clients/acc_mean"),
             "run_dir": str(self.run_dir),
         }
+
+
+def _better(score: float, best: float | None, mode: str) -> bool:
+    if best is None or not _finite(best):
+        return True
+    return score > best if mode == "max" else score < best
 
 
 def _mean(xs: list[float]) -> float:

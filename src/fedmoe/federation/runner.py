@@ -165,14 +165,23 @@ class LocalRunner:
             return torch.empty(0), torch.empty(0, dtype=torch.long)
         return torch.cat(logits), torch.cat(targets)
 
-    def evaluate(self, module: nn.Module, loader: Iterable) -> dict[str, float]:
-        """Mean cross-entropy and accuracy of a classifier."""
+    def evaluate(
+        self,
+        module: nn.Module,
+        loader: Iterable,
+        metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None,
+    ) -> dict[str, float]:
+        """``metrics(outputs, targets)`` of a model over a loader (default: cross-entropy and
+        accuracy), with the number of samples ``n``; NaN metrics when the loader is empty."""
         logits, y = self.predict(module, loader)
         if len(y) == 0:
             return {"loss": math.nan, "acc": math.nan, "n": 0}
-        loss = F.cross_entropy(logits, y).item()
-        acc = (logits.argmax(1) == y).float().mean().item()
-        return {"loss": loss, "acc": acc, "n": len(y)}
+        if metrics is None:
+            out = {"loss": F.cross_entropy(logits, y).item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+        else:
+            out = dict(metrics(logits, y))
+        out["n"] = len(y)
+        return out
 
 
 def _unpack_optimizers(conf: Any) -> tuple[torch.optim.Optimizer, Any, str]:
