@@ -335,6 +335,8 @@ class FederatedLoop:
             "best_val_round": self.best.get("round"),
             "best_val_test_acc": self.best.get("test_acc"),
             "clients_acc_mean": last.get("clients/acc_mean"),
+            "monitor": list(self.datamodule.monitor),
+            "best_val_test": {k[5:]: v for k, v in self.best.items() if k.startswith("test_")},
             "run_dir": str(self.run_dir),
         }
 
