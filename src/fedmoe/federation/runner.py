@@ -99,12 +99,14 @@ class LocalRunner:
         """
         s = self.settings
         epochs = s.max_epochs if epochs is None else epochs
+        limit = _batch_limit(s.limit_train_batches, loader)
+        if hasattr(module, "planned_steps"):
+            module.planned_steps = _planned_steps(loader, limit, epochs, s)
         optimizer, scheduler, interval = _unpack_optimizers(module.configure_optimizers())
         if optimizer_state is not None:
             optimizer.load_state_dict(copy.deepcopy(optimizer_state))
         model, opt = self.fabric.setup(module, optimizer)
         model.train()
-        limit = _batch_limit(s.limit_train_batches, loader)
         accumulate = max(1, int(s.accumulate_grad_batches))
         total, count, steps = 0.0, 0, 0
         done = False
@@ -203,6 +205,18 @@ def _unpack_optimizers(conf: Any) -> tuple[torch.optim.Optimizer, Any, str]:
     if isinstance(conf, (list, tuple)) and len(conf) == 1:
         return conf[0], None, "epoch"
     raise ValueError(f"unsupported configure_optimizers() return value: {type(conf).__name__}")
+
+
+def _planned_steps(loader: Iterable, limit: int | None, epochs: int, s: RunnerSettings) -> int | None:
+    """Optimizer steps a local fit will take (for learning-rate schedules), None if unknown."""
+    try:
+        batches = len(loader)
+    except TypeError:
+        return None
+    if limit is not None:
+        batches = min(batches, limit)
+    steps = epochs * math.ceil(batches / max(1, int(s.accumulate_grad_batches)))
+    return min(steps, s.max_steps) if s.max_steps and s.max_steps > 0 else steps
 
 
 def _batch_limit(limit: int | float | None, loader: Iterable) -> int | None:
