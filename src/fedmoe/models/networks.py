@@ -20,6 +20,11 @@ NETWORKS: dict[str, type] = {
     "digits_cnn": DigitsCNN,
 }
 
+#: Architectures registered by modules with heavy imports, loaded when first looked up.
+LAZY_NETWORKS: dict[str, str] = {
+    "hf_sequence_classifier": "fedmoe.models.text",
+}
+
 _T = TypeVar("_T", bound=type)
 
 
@@ -53,12 +58,14 @@ def build_network(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     ``name`` is a key of :data:`NETWORKS` or a dotted path ``pkg.module.Class`` to a class whose
     constructor takes ``num_classes``; extra keyword arguments go to the constructor.
     """
+    if name not in NETWORKS and name in LAZY_NETWORKS:
+        importlib.import_module(LAZY_NETWORKS[name])
     if name in NETWORKS:
         cls = NETWORKS[name]
     elif "." in name:
         cls = _import_class(name)
     else:
-        known = ", ".join(sorted(NETWORKS))
+        known = ", ".join(sorted({*NETWORKS, *LAZY_NETWORKS}))
         raise ValueError(
             f"unknown network {name!r}; known names: {known} (or a dotted path pkg.module.Class)"
         )
