@@ -127,3 +127,23 @@ def stratified_holdout(
     test = _sorted(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
     train = np.setdiff1d(np.arange(len(labels)), test)
     return _sorted(train), test
+
+
+def fixed_sizes(num_samples: int, sizes: list[int], rng: np.random.Generator) -> list[np.ndarray]:
+    """Client i gets ``sizes[i]`` samples of a shuffle of ``range(num_samples)``, consecutively.
+
+    Parts are disjoint; the ``num_samples - sum(sizes)`` samples left over go to no client.
+    """
+    sizes = [int(s) for s in sizes]
+    if not sizes:
+        raise DataError("fixed-size split needs client_sizes with one size per client, got an empty list")
+    if min(sizes) < 1:
+        raise DataError(f"fixed-size split needs every client size >= 1, got client_sizes={sizes}")
+    if sum(sizes) > num_samples:
+        raise DataError(
+            f"client_sizes={sizes} sum to {sum(sizes)} samples but only {num_samples} are left for clients; "
+            "lower client_sizes"
+        )
+    perm = rng.permutation(num_samples)
+    cuts = np.cumsum(sizes)[:-1]
+    return [_sorted(part) for part in np.split(perm[: sum(sizes)], cuts)]
