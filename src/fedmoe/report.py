@@ -1,8 +1,11 @@
 """Tables and plots from run folders: ``python -m fedmoe.report RUN_DIR [RUN_DIR ...] [--plot FILE]``.
 
-Each run folder holds ``metrics.csv`` (one row per round) and ``summary.json`` (written by ``fit``).
-The table gives, per run, the final server test accuracy, the test accuracy at the round with the
-lowest validation loss (the paper's metric), the best test accuracy seen, client accuracy and time.
+Each run folder holds ``metrics.csv`` (one row per round), ``summary.json`` and ``config.yaml``
+(written by ``fit``). The table gives, per run, the final server test accuracy, the test accuracy
+at the best validation round (lowest validation loss, or the data set's monitored metric such as
+GLUE's Matthews correlation), the best test accuracy seen, client accuracy and time.
+``--lora`` prints the adapter table instead: rule, rank, bytes per round, score at the best
+validation round (a rank sweep's communication/accuracy trade-off).
 """
 
 from __future__ import annotations
@@ -25,15 +28,37 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def _summary(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def monitor_of(run_dir: str | Path) -> tuple[str, str]:
+    """The metric that picked the run's best validation round, and ``min`` or ``max``."""
+    name, mode = _summary(run_dir).get("monitor") or ("loss", "min")
+    return name, mode
+
+
+def best_row(m: pd.DataFrame, monitor: tuple[str, str]) -> pd.Series | None:
+    """The evaluated round with the best validation value of ``monitor`` (the first one on ties)."""
+    column = f"server/val_{monitor[0]}"
+    if column not in m:
+        return None
+    evaluated = m.dropna(subset=[column])
+    if not len(evaluated):
+        return None
+    index = evaluated[column].idxmax() if monitor[1] == "max" else evaluated[column].idxmin()
+    return evaluated.loc[index]
+
+
 def summarise(run_dirs: list[str | Path]) -> pd.DataFrame:
     """One row per run: rounds, final / best-validation / max server test accuracy, client accuracy."""
     rows = []
     for run_dir in run_dirs:
         m = load_run(run_dir)
-        summary_path = Path(run_dir) / "summary.json"
-        algorithm = json.loads(summary_path.read_text())["algorithm"] if summary_path.is_file() else "?"
+        algorithm = _summary(run_dir).get("algorithm", "?")
         evaluated = m.dropna(subset=["server/test_acc"]) if "server/test_acc" in m else m.iloc[0:0]
-        best = evaluated.loc[evaluated["server/val_loss"].idxmin()] if len(evaluated) else None
+        best = best_row(m, monitor_of(run_dir)) if len(evaluated) else None
         rows.append({
             "run": str(run_dir),
             "algorithm": algorithm,
@@ -44,6 +69,47 @@ def summarise(run_dirs: list[str | Path]) -> pd.DataFrame:
             "test acc (max)": evaluated["server/test_acc"].max() if len(evaluated) else float("nan"),
             "client acc (last)": m["clients/acc_mean"].iloc[-1] if "clients/acc_mean" in m else float("nan"),
             "minutes": m["time/round_s"].sum() / 60 + m.get("time/eval_s", pd.Series([0.0])).sum() / 60,
+        })
+    return pd.DataFrame(rows)
+
+
+def _config(run_dir: str | Path) -> dict:
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return {}
+    cfg = yaml.safe_load(path.read_text()) or {}
+    return cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
+
+
+def lora_table(run_dirs: list[str | Path]) -> pd.DataFrame:
+    """One row per adapter run: rule, rank, mean bytes up / down per round (all clients), the
+    monitored test metric at the best validation round, and the client mean of that metric."""
+    rows = []
+    for run_dir in run_dirs:
+        m = load_run(run_dir)
+        cfg = _config(run_dir)
+        kwargs = (cfg.get("model") or {}).get("network_kwargs") or {}
+        adapter = kwargs.get("adapter")
+        rank = kwargs.get("r", adapter.get("r") if isinstance(adapter, dict) else None)
+        kind = adapter.get("type") if isinstance(adapter, dict) else adapter
+        algorithm = ((cfg.get("federation") or {}).get("algorithm") or {})
+        rule = algorithm.get("class_path", _summary(run_dir).get("algorithm", "?")).rsplit(".", 1)[-1]
+        monitor = monitor_of(run_dir)
+        metric = "acc" if monitor[0] == "loss" else monitor[0]
+        best = best_row(m, monitor)
+        rows.append({
+            "run": str(run_dir),
+            "rule": rule,
+            "adapter": kind or "?",
+            "r": rank,
+            "MB up / round": m["comm/bytes_up"].mean() / 1e6 if "comm/bytes_up" in m else float("nan"),
+            "MB down / round": m["comm/bytes_down"].mean() / 1e6 if "comm/bytes_down" in m else float("nan"),
+            f"test {metric} (best val)": best[f"server/test_{metric}"] if best is not None else float("nan"),
+            "best val round": int(best["round"]) if best is not None else None,
+            f"client {metric} (last)": m[f"clients/{metric}_mean"].iloc[-1] if f"clients/{metric}_mean" in m else float("nan"),
+            "rounds": int(m["round"].max()),
         })
     return pd.DataFrame(rows)
 
@@ -73,11 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedmoe.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (trainer.default_root_dir of each run)")
     parser.add_argument("--plot", help="write a PNG of server test accuracy over rounds")
+    parser.add_argument("--metric", default="server/test_acc", help="metric plotted (default server/test_acc)")
+    parser.add_argument("--lora", action="store_true", help="the adapter table: rule, rank, bytes, score")
     args = parser.parse_args(argv)
     try:
-        table = summarise(args.runs)
+        table = lora_table(args.runs) if args.lora else summarise(args.runs)
         if args.plot:
-            plot(args.runs, args.plot)
+            plot(args.runs, args.plot, args.metric)
     except FedMoEError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
