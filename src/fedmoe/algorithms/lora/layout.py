@@ -55,3 +55,26 @@ class VeRALayer:
 def to_base_layout(delta: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """A d_out x d_in update in the base weight's storage layout (``peft.utils.transpose``)."""
     return delta.T if fan_in_fan_out else delta
+
+
+@dataclass(frozen=True)
+class SORFVeRALayer:
+    """One SORF-VeRA-adapted layer: delta W = S Gamma(b) B_s Lambda_d A_s (``nn.Linear`` layout).
+
+    ``S`` (d_out x d_out) is the frozen structured-orthogonal mixer, ``A_s`` (r x d_in) and ``B_s``
+    (d_out x r) the frozen shared projections (sliced to this layer), ``Gamma(b)`` the block-diagonal
+    matrix of 2x2 complex-multiplication blocks [[a_j, -c_j], [c_j, a_j]] from ``b_real`` = a and
+    ``b_imag`` = c (d_out / 2 each), and ``Lambda_d = d_scale * G(d_angles)`` a scaled rotation built
+    from r (r - 1) / 2 Givens angles (:mod:`fedmoe.algorithms.lora.sorf_vera`).
+    """
+
+    name: str
+    base_key: str
+    b_real_key: str
+    b_imag_key: str
+    d_scale_key: str
+    d_angles_key: str
+    proj_a: torch.Tensor
+    proj_b: torch.Tensor
+    sorf: torch.Tensor
+    fan_in_fan_out: bool = False
