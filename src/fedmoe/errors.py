@@ -15,3 +15,7 @@ class CheckpointError(FedMoEError):
 
 class RoundError(FedMoEError):
     """A round that cannot go on (too few surviving clients)."""
+
+
+class ConfigError(FedMoEError, ValueError):
+    """A config value outside its domain, or a setting that has no effect where it was given."""

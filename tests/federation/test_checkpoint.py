@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from fedmoe.errors import CheckpointError
+from fedmoe.errors import CheckpointError, FedMoEError
 from fedmoe.federation import checkpoint as ck
 
 
@@ -28,10 +28,34 @@ def test_failed_save_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, m
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(FedMoEError, match=r"cannot write .*last.ckpt: disk full"):
         ck.save_checkpoint(path, {"round": 2})
     monkeypatch.undo()
     assert ck.load_checkpoint(path)["round"] == 1
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+
+def test_written_files_get_the_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ck.atomic_write_text(tmp_path / "a.txt", "x")
+        os.umask(0o027)
+        ck.save_checkpoint(tmp_path / "b.ckpt", {"round": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.ckpt").stat().st_mode & 0o777 == 0o640
+
+
+def test_temp_files_of_interrupted_writes_are_removed_by_the_next_write(tmp_path):
+    stale = [tmp_path / ".last.ckpt.abcd1234.tmp", tmp_path / ".last.ckpt.0123456789ab.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".metrics.csv.abcd1234.tmp"
+    other.write_bytes(b"x")
+    ck.save_checkpoint(tmp_path / "last.ckpt", {"round": 1})
+    assert sorted(os.listdir(tmp_path)) == [".metrics.csv.abcd1234.tmp", "last.ckpt"]
+    assert ck.remove_stale_temp_files(tmp_path) == [other]
     assert os.listdir(tmp_path) == ["last.ckpt"]
 
 

@@ -26,6 +26,7 @@ from fedmoe.algorithms.base import Algorithm, ClientPlan, ClientResult, ServerCo
 from fedmoe.algorithms.fusion import mix, weighted_average
 from fedmoe.models.moe import ServerMoE, expert_utilisation, gating_entropy
 from fedmoe.models.moe_module import ExpertModule, ServerMoEModule
+from fedmoe.validation import check_choice, check_float, check_int
 
 
 def confidences(logits: torch.Tensor, targets: torch.Tensor, mode: str = "probability") -> torch.Tensor:
@@ -137,12 +138,7 @@ class FedMoE(Algorithm):
         common_init: bool = True,
         keep_best_iteration: bool = True,
     ) -> None:
-        if num_routed < 1 or num_main < 0 or iterations < 1:
-            raise ValueError("need num_routed >= 1, num_main >= 0 and iterations >= 1")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {lam}")
-        if relevance_temperature <= 0:
-            raise ValueError(f"relevance_temperature must be > 0, got {relevance_temperature}")
+        _check_options(locals())
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
         self._module: ServerMoEModule | None = None
         self._scratch: nn.Module | None = None
@@ -328,6 +324,41 @@ class FedMoE(Algorithm):
             "gate_entropy": float(entropy),
             "label_entropy": float(gating_entropy(gates, targets, ctx.num_classes, self.entropy_mode)),
         }
+
+
+_KEY = "federation.algorithm."
+_CHOICES = {
+    "gate_value": ("probability", "renormalised"),
+    "load": ("count", "smooth"),
+    "entropy_mode": ("paper", "conditional", "code"),
+    "confidence": ("probability", "logit"),
+    "relevance_gate": ("soft", "onehot"),
+    "relevance_norm": ("sum", "mean"),
+    "expert_update": ("moving", "replace"),
+    "main_update": ("moving", "mean"),
+    "server_schedule": ("every_iteration", "pretrain_only"),
+    "stage_c": ("paper", "code"),
+    "client_update": ("moving", "replace"),
+}
+
+
+def _check_options(o: dict[str, Any]) -> None:
+    """Every option with a domain, checked before anything runs (a ConfigError naming the option)."""
+    check_int(_KEY + "num_routed", o["num_routed"], 1)
+    check_int(_KEY + "num_main", o["num_main"], 0)
+    check_int(_KEY + "top_k", o["top_k"], 1, o["num_routed"], hint="experts per sample, at most num_routed")
+    check_int(_KEY + "iterations", o["iterations"], 1)
+    check_int(_KEY + "server_epochs", o["server_epochs"], 0)
+    check_int(_KEY + "main_epochs", o["main_epochs"], 0)
+    check_float(_KEY + "lam", o["lam"], 0.0, 1.0)
+    check_float(_KEY + "alpha_init", o["alpha_init"], 0.0, 1.0)
+    check_float(_KEY + "relevance_temperature", o["relevance_temperature"], 0.0, low_open=True)
+    check_float(_KEY + "label_smoothing", o["label_smoothing"], 0.0, 1.0, high_open=True)
+    for name in ("w_ent", "w_aux", "gate_lr", "alpha_lr", "main_lr", "server_weight_decay"):
+        check_float(_KEY + name, o[name], 0.0)
+    check_float(_KEY + "server_eps", o["server_eps"], 0.0, low_open=True)
+    for name, choices in _CHOICES.items():
+        check_choice(_KEY + name, o[name], choices)
 
 
 def _clone(state: StateDict) -> StateDict:

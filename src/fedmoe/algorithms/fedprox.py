@@ -7,6 +7,7 @@ from torch import nn
 
 from fedmoe.algorithms.base import ClientPlan, StateDict, ServerState
 from fedmoe.algorithms.fedavg import FedAvg
+from fedmoe.validation import check_float
 
 
 class ProximalTerm:
@@ -36,8 +37,7 @@ class FedProx(FedAvg):
     """
 
     def __init__(self, mu: float = 0.01) -> None:
-        if mu < 0:
-            raise ValueError(f"mu must be >= 0, got {mu}")
+        check_float("federation.algorithm.mu", mu, 0.0)
         self.mu = mu
 
     def configure_client(self, state: ServerState, client_id: int, client_weights: StateDict | None) -> ClientPlan:

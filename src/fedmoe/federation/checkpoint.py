@@ -2,7 +2,7 @@
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then renamed
 over the target: after a crash there is either the old checkpoint or the new one, never half of
-one.
+one. The temporary file of a write killed half-way is removed at the next write or start.
 """
 
 from __future__ import annotations
@@ -11,31 +11,82 @@ import hashlib
 import json
 import os
 import random
-import tempfile
+import re
+import secrets
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 
-from fedmoe.errors import CheckpointError
+from fedmoe.errors import CheckpointError, FedMoEError
 
 FORMAT_VERSION = 1
 
 
+TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8,}\.tmp$")
+"""Names of the temporary files of :func:`atomic_write_bytes` (``.<target>.<random>.tmp``)."""
+
+
+def stale_temp_files(folder: str | os.PathLike, target: str | None = None) -> list[Path]:
+    """Temporary files left in ``folder`` by interrupted atomic writes (of ``target`` only, if given)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    out = []
+    for child in folder.iterdir():
+        match = TEMP_PATTERN.match(child.name)
+        if match and (target is None or match.group("target") == target) and child.is_file():
+            out.append(child)
+    return sorted(out)
+
+
+def remove_stale_temp_files(*folders: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted atomic writes left in ``folders``; returns the deleted paths."""
+    removed = []
+    for folder in folders:
+        for path in stale_temp_files(folder):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path``, created with mode 0o666 so that the process umask applies
+    (``tempfile.mkstemp`` would make it 0o600)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: str | os.PathLike, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it to ``path``.
+
+    Temporary files of earlier, interrupted writes of the same target are removed first, so they
+    never accumulate. The file gets the permissions the umask allows. An OS error (no space, no
+    permission, a file in the way) is a :class:`FedMoEError` naming the path.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in stale_temp_files(path.parent, path.name):
+            stale.unlink(missing_ok=True)
+        fd, tmp = _create_temp(path)
+    except OSError as e:
+        raise FedMoEError(f"cannot write {path}: {e.strerror or e}; check the folder's permissions and free space") from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise FedMoEError(f"cannot write {path}: {e.strerror or e}; check the folder's permissions and free space") from e
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)

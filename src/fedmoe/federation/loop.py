@@ -26,6 +26,7 @@ from fedmoe.federation.recorder import RoundRecorder
 from fedmoe.federation.runner import RunnerSettings
 from fedmoe.federation.sampling import ClientSampler
 from fedmoe.federation.store import ClientStore
+from fedmoe.validation import check_choice, check_int
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,14 @@ class Federation:
         checkpoint_every: int = 1,
         progress: bool = True,
     ) -> None:
+        check_int("federation.rounds", rounds, 1)
+        check_int("federation.clients_per_round", clients_per_round, 1)
+        check_int("federation.min_clients", min_clients, 1, clients_per_round,
+                  hint="the clients that must survive a round, at most clients_per_round")
+        check_int("federation.eval_every", eval_every, 1)
+        check_int("federation.checkpoint_every", checkpoint_every, 1)
+        check_choice("federation.sampling", sampling, ("uniform", "per_group"))
+        check_choice("federation.store_dtype", store_dtype, (None, "float16", "bfloat16"))
         self.algorithm = algorithm if algorithm is not None else FedAvg()
         self.rounds = rounds
         self.clients_per_round = clients_per_round
@@ -71,9 +80,9 @@ class Federation:
         self.executor = executor if executor is not None else Sequential()
         self.persistent_optimizer = persistent_optimizer
         self.store_dtype = store_dtype
-        self.eval_every = max(1, eval_every)
+        self.eval_every = eval_every
         self.client_eval = client_eval
-        self.checkpoint_every = max(1, checkpoint_every)
+        self.checkpoint_every = checkpoint_every
         self.progress = progress
 
 
