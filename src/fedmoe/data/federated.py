@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from fedmoe.validation import check_int
+
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -107,6 +109,10 @@ class FederatedDataModule(L.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
+        check_int("data.num_clients", num_clients, 1)
+        for key, value in (("batch_size", batch_size), ("server_batch_size", server_batch_size),
+                           ("eval_batch_size", eval_batch_size)):
+            check_int(f"data.{key}", value, 1)
         self.data_dir = data_dir
         self.num_clients = num_clients
         self.batch_size = batch_size
