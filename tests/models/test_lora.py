@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedmoe.algorithms.lora.layout import LoRALayer, VeRALayer, to_base_layout
+from fedmoe.algorithms.lora.layout import LoRALayer, SORFVeRALayer, VeRALayer, to_base_layout
 from fedmoe.errors import FedMoEError
 from fedmoe.models.lora import AdapterSpec, adapted_layers, default_target_modules, delta_weight
 from fedmoe.models.text import HFSequenceClassifier, tiny_config
@@ -24,7 +24,7 @@ def _randomise_adapters(net: torch.nn.Module) -> None:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in net.named_parameters():
-            if "lora_B" in name or "vera_lambda_b" in name:
+            if any(k in name for k in ("lora_B", "vera_lambda_b", "sorf_d_angles", "sorf_b_imag")):
                 p.copy_(torch.randn(p.shape, generator=gen))
 
 
@@ -148,3 +148,30 @@ def test_vera_delta_matches_peft_delta_weight_on_conv1d():
 
 def test_vera_merged_output_matches_the_layer():
     _merged_output_matches_layer(_net("gpt2", type="vera", r=8), conv1d=True)
+
+
+def test_sorf_vera_builds_with_its_own_keys_and_records():
+    net = _net("gpt2", type="sorf_vera", r=4, sorf_seed=7, dropout=0.0)
+    layers = net.adapted_layers()
+    assert len(layers) == 2 and all(isinstance(layer, SORFVeRALayer) for layer in layers)
+    assert all(layer.fan_in_fan_out for layer in layers)
+    assert {k for k in net.trainable_keys() if "sorf_" in k} == {
+        k for layer in layers for k in (layer.d_scale_key, layer.d_angles_key)
+    }
+    assert any(".score." in k for k in net.trainable_keys())
+
+
+def test_sorf_vera_merged_output_matches_the_layer():
+    _merged_output_matches_layer(_net("gpt2", type="sorf_vera", r=4, train_b=True), conv1d=True)
+
+
+def test_sorf_vera_with_an_unknown_key_is_an_error():
+    with pytest.raises(FedMoEError, match=r"adapter has unknown keys \['sorf_sead'\] for sorf_vera"):
+        _net("bert", type="sorf_vera", sorf_sead=1)
+
+
+def test_prefix_is_prepended_to_every_key_of_vera_records():
+    net = _net("bert", type="vera", r=8)
+    plain, prefixed = adapted_layers(net.model), adapted_layers(net.model, prefix="model.")
+    assert [r.lambda_b_key for r in prefixed] == ["model." + r.lambda_b_key for r in plain]
+    assert set(r.lambda_d_key for r in prefixed) <= set(net.state_dict())

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedmoe.algorithms.lora.layout import LoRALayer, VeRALayer
+from fedmoe.algorithms.lora.layout import LoRALayer, SORFVeRALayer, VeRALayer
 from fedmoe.errors import DataError, FedMoEError
 
 ADAPTER_TYPES = ("lora", "vera", "sorf_vera", "none")
@@ -29,6 +29,11 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "qwen2": ("q_proj", "v_proj"),
 }
+
+AdapterLayer = LoRALayer | VeRALayer | SORFVeRALayer
+
+#: Heads of transformers' sequence classifiers (PEFT's ``modules_to_save`` for SEQ_CLS).
+HEAD_MODULES = ("classifier", "score")
 
 #: Architectures whose weights are transformers' ``Conv1D`` (d_in x d_out storage).
 _FAN_IN_FAN_OUT = frozenset({"gpt2"})
@@ -177,11 +182,7 @@ def apply_adapter(model: nn.Module, spec: AdapterSpec, model_type: str) -> nn.Mo
         return model
     check_target_modules(model, spec.targets_for(model_type))
     if spec.type == "sorf_vera":
-        try:
-            from fedmoe.models import sorf_vera
-        except ImportError as err:
-            raise FedMoEError("adapter type sorf_vera needs fedmoe.models.sorf_vera, which is missing") from err
-        return sorf_vera.apply_sorf_vera(model, spec, model_type)
+        return apply_sorf_vera(model, spec, model_type)
     from peft import get_peft_model
 
     config = lora_config(spec, model_type) if spec.type == "lora" else vera_config(spec, model_type)
@@ -196,6 +197,39 @@ def apply_adapter(model: nn.Module, spec: AdapterSpec, model_type: str) -> nn.Mo
     return wrapped
 
 
+def sorf_vera_config(spec: AdapterSpec, model_type: str):
+    """:class:`fedmoe.models.sorf_vera.SORFVeRAConfig` of a spec; its extra keys (``sorf_seed``,
+    ``train_b``, ``save_projection``) pass through."""
+    from fedmoe.models.sorf_vera import SORFVeRAConfig
+
+    key = spec.projection_prng_key
+    if key is None:
+        key = spec.init_seed or 0
+    targets = spec.targets_for(model_type)
+    set_here = {"r", "target_modules", "projection_prng_key", "d_initial", "dropout", "modules_to_save", "adapter_name"}
+    own = {f.name for f in fields(SORFVeRAConfig)} - set_here
+    unknown = sorted(set(spec.options) - own)
+    if unknown:
+        raise FedMoEError(f"adapter has unknown keys {unknown} for sorf_vera; its own keys: {', '.join(sorted(own))}")
+    return SORFVeRAConfig(
+        r=spec.r,
+        target_modules=_peft_targets(targets),
+        projection_prng_key=key,
+        d_initial=spec.d_initial,
+        dropout=spec.dropout,
+        modules_to_save=list(HEAD_MODULES),
+        **spec.options,
+    )
+
+
+def apply_sorf_vera(model: nn.Module, spec: AdapterSpec, model_type: str) -> nn.Module:
+    """SORF-VeRA layers on the targets (:func:`fedmoe.models.sorf_vera.apply_sorf_vera`, in place),
+    the head trainable, the rest frozen."""
+    from fedmoe.models import sorf_vera
+
+    return sorf_vera.apply_sorf_vera(model, sorf_vera_config(spec, model_type))
+
+
 def _check_supported_layers(model: nn.Module) -> None:
     from peft.tuners import lora
 
@@ -207,56 +241,58 @@ def _check_supported_layers(model: nn.Module) -> None:
             )
 
 
-def adapted_layers(
-    model: nn.Module, prefix: str = "", adapter_name: str = "default"
-) -> list[LoRALayer | VeRALayer]:
-    """One record per PEFT-adapted layer of ``model``, keys relative to ``model.state_dict()``
-    (with ``prefix`` prepended), in module order.
+def adapted_layers(model: nn.Module, prefix: str = "", adapter_name: str = "default") -> list[AdapterLayer]:
+    """One record per adapted layer of ``model``, keys relative to ``model.state_dict()`` (with
+    ``prefix`` prepended), LoRA layers in module order, then VeRA, then SORF-VeRA.
 
     LoRA: scaling is ``layer.scaling[adapter_name]`` (alpha / r, alpha / sqrt(r) with rsLoRA,
-    after rank_pattern and alpha_pattern). VeRA: the shared projections sliced to the layer's
-    shape as ``peft.tuners.vera.layer`` does (``vera_A[:, :d_in]``, ``vera_B[:d_out, :]``).
+    after rank_pattern and alpha_pattern). VeRA (:func:`fedmoe.models.vera.vera_layers`) and
+    SORF-VeRA (:func:`fedmoe.models.sorf_vera.sorf_vera_layers`): the shared projections sliced to
+    each layer's shape as the layer's forward slices them.
     """
-    from peft.tuners import lora, vera
+    from peft.tuners import lora
 
-    records: list[LoRALayer | VeRALayer] = []
-    for name, module in model.named_modules():
-        path = f"{prefix}{name}"
-        if isinstance(module, lora.LoraLayer) and adapter_name in module.lora_A:
-            records.append(
-                LoRALayer(
-                    name=path,
-                    base_key=f"{path}.base_layer.weight",
-                    a_key=f"{path}.lora_A.{adapter_name}.weight",
-                    b_key=f"{path}.lora_B.{adapter_name}.weight",
-                    scaling=float(module.scaling[adapter_name]),
-                    fan_in_fan_out=bool(module.fan_in_fan_out),
-                )
-            )
-        elif isinstance(module, vera.VeraLayer) and adapter_name in module.vera_lambda_d:
-            records.append(vera_record(module, path, adapter_name))
-    return records
+    from fedmoe.models.sorf_vera import sorf_vera_layers
+    from fedmoe.models.vera import vera_layers
 
-
-def vera_record(module: nn.Module, path: str, adapter_name: str = "default") -> VeRALayer:
-    """The :class:`VeRALayer` of one PEFT VeRA layer at module path ``path``."""
-    shared_a = module.vera_A[adapter_name]
-    shared_b = module.vera_B[adapter_name]
-    return VeRALayer(
-        name=path,
-        base_key=f"{path}.base_layer.weight",
-        lambda_b_key=f"{path}.vera_lambda_b.{adapter_name}",
-        lambda_d_key=f"{path}.vera_lambda_d.{adapter_name}",
-        proj_a=shared_a[:, : module.in_features].detach(),
-        proj_b=shared_b[: module.out_features, :].detach(),
-        fan_in_fan_out=bool(module.fan_in_fan_out),
-    )
+    records: list[AdapterLayer] = [
+        LoRALayer(
+            name=name,
+            base_key=f"{name}.base_layer.weight",
+            a_key=f"{name}.lora_A.{adapter_name}.weight",
+            b_key=f"{name}.lora_B.{adapter_name}.weight",
+            scaling=float(module.scaling[adapter_name]),
+            fan_in_fan_out=bool(module.fan_in_fan_out),
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, lora.LoraLayer) and adapter_name in module.lora_A
+    ]
+    records += vera_layers(model, adapter_name)
+    records += sorf_vera_layers(model, adapter_name)
+    return [_prefixed(r, prefix) for r in records] if prefix else records
 
 
-def delta_weight(record: LoRALayer | VeRALayer, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The layer's update in ``nn.Linear`` layout (d_out x d_in): s B A, or diag(b) B_s diag(d) A_s."""
+def _prefixed(record: AdapterLayer, prefix: str) -> AdapterLayer:
+    keys = {
+        f.name: prefix + getattr(record, f.name)
+        for f in fields(record)
+        if f.name == "name" or f.name.endswith("_key")
+    }
+    return replace(record, **keys)
+
+
+def delta_weight(record: AdapterLayer, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The layer's update in ``nn.Linear`` layout (d_out x d_in): s B A (LoRA),
+    diag(b) B_s diag(d) A_s (VeRA), S Gamma(b) B_s Lambda_d A_s (SORF-VeRA)."""
     if isinstance(record, LoRALayer):
         return record.scaling * state[record.b_key] @ state[record.a_key]
+    if isinstance(record, SORFVeRALayer):
+        from fedmoe.algorithms.lora.sorf_vera import sorf_delta
+
+        return sorf_delta(
+            record.sorf, state[record.b_real_key], state[record.b_imag_key], record.proj_b,
+            state[record.d_scale_key], state[record.d_angles_key], record.proj_a,
+        )
     b = state[record.lambda_b_key].unsqueeze(-1)
     d = state[record.lambda_d_key].unsqueeze(-1)
     return (b * record.proj_b) @ (d * record.proj_a)

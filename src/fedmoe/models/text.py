@@ -37,8 +37,9 @@ class HFSequenceClassifier(nn.Module):
             (``AutoConfig.for_model``), for tiny models.
         adapter: :class:`fedmoe.models.lora.AdapterSpec` as a mapping (``type``: lora, vera,
             sorf_vera or none; ``r``, ``alpha``, ``dropout``, ``target_modules``, ``use_rslora``,
-            ``rank_pattern``, ``alpha_pattern``, ``init_seed``); None: LoRA r=4, alpha=8,
-            dropout 0.1 on the architecture's default targets.
+            ``rank_pattern``, ``alpha_pattern``, ``init_seed``, ``projection_prng_key``,
+            ``d_initial``; sorf_vera also ``sorf_seed``, ``train_b``, ``save_projection``); None:
+            LoRA r=4, alpha=8, dropout 0.1 on the architecture's default targets.
         pad_token_id: the pad id of the tokenizer; GPT-2, Llama and Qwen2 pool the last token
             that is not this id (default: the config's pad id, else its eos id).
         torch_dtype: dtype of the base weights (``float32``, ``bfloat16``, ``float16``); PEFT keeps
@@ -96,10 +97,6 @@ class HFSequenceClassifier(nn.Module):
 
     def adapted_layers(self) -> list[LoRALayer | VeRALayer]:
         """The adapted layers, keys relative to ``self.state_dict()`` (empty for ``none``)."""
-        if self.spec.type == "sorf_vera":
-            from fedmoe.models import sorf_vera
-
-            return sorf_vera.adapted_layers(self)
         return adapted_layers(self)
 
     def trainable_keys(self) -> set[str]:
@@ -177,7 +174,10 @@ def _from_pretrained(folder: str, num_classes: int, dtype: torch.dtype | None) -
             str(path), num_labels=num_classes, local_files_only=True, dtype=dtype
         )
     except (OSError, ValueError, RuntimeError) as err:
-        raise DataError(f"cannot load a sequence classifier from {path}: {_first_line(err)}") from err
+        reason = _first_line(err)
+        if "ignore_mismatched_sizes" in reason:
+            reason = f"its saved classification head does not have num_classes={num_classes} outputs"
+        raise DataError(f"cannot load a sequence classifier from {path}: {reason}") from err
 
 
 def _from_config(config: dict[str, Any], num_classes: int, dtype: torch.dtype | None) -> nn.Module:
