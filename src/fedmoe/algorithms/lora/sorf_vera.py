@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from fedmoe.algorithms.base import (
     Algorithm,
@@ -64,6 +65,7 @@ from fedmoe.algorithms.lora.vera import (
     other_trainable_keys,
     record_corrections,
 )
+from fedmoe.algorithms.lora.rules import register_rule
 from fedmoe.errors import FedMoEError
 
 REFITS = ("fold", "reference")
@@ -292,6 +294,7 @@ def aggregate_sorf_vera(
 # -- the algorithm ----------------------------------------------------------------------------------
 
 
+@register_rule("sorf_vera")
 class SORFVeRA(Algorithm):
     """SORF-VeRA: exact aggregation with the residual folded into the base (or the reference's refit).
 
@@ -306,7 +309,9 @@ class SORFVeRA(Algorithm):
     def __init__(self, weighting: str = "samples", refit: str = "fold") -> None:
         check_weighting(self.rule, weighting)
         if refit not in REFITS:
-            raise FedMoEError(f"{self.rule}: refit={refit!r} is unknown; use one of {', '.join(REFITS)}")
+            raise FedMoEError(
+                f"{self.rule}: federation.algorithm.init_args.refit={refit!r} is unknown; use one of {', '.join(REFITS)}"
+            )
         self.weighting = weighting
         self.refit = refit
 
@@ -351,6 +356,10 @@ class SORFVeRA(Algorithm):
         g = state["global"]
         sent = num_bytes({k: g[k] for k in state["sent_keys"]}) + correction_bytes(state, client_id)
         return ClientPlan(weights=g, upload_keys=frozenset(state["upload_keys"]), wire_bytes=sent)
+
+    def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
+        """The federated subset loaded over the common initial weights (the frozen rest)."""
+        return ctx.load_network({**ctx.client_template(), **state["global"]})
 
     def aggregate(self, state: ServerState, results: list[ClientResult], ctx: ServerContext) -> ServerState:
         g = state["global"]

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from fedmoe.algorithms.base import (
     Algorithm,
@@ -46,6 +47,7 @@ from fedmoe.algorithms.base import (
 )
 from fedmoe.algorithms.fusion import num_bytes, weighted_average
 from fedmoe.algorithms.lora.layout import VeRALayer, to_base_layout
+from fedmoe.algorithms.lora.rules import register_rule
 from fedmoe.errors import FedMoEError
 
 WEIGHTINGS = ("samples", "uniform")
@@ -115,7 +117,9 @@ def client_weights(results: Sequence[ClientResult], weighting: str) -> torch.Ten
 
 def check_weighting(rule: str, weighting: str) -> None:
     if weighting not in WEIGHTINGS:
-        raise FedMoEError(f"{rule}: weighting={weighting!r} is unknown; use one of {', '.join(WEIGHTINGS)}")
+        raise FedMoEError(
+            f"{rule}: federation.algorithm.init_args.weighting={weighting!r} is unknown; use one of {', '.join(WEIGHTINGS)}"
+        )
 
 
 def check_uploads(rule: str, results: Sequence[ClientResult], keys: Sequence[str], reference: StateDict) -> None:
@@ -198,6 +202,7 @@ def add_to_base(base: torch.Tensor, delta: torch.Tensor, fan_in_fan_out: bool) -
 # -- the algorithm --------------------------------------------------------------------------------
 
 
+@register_rule("fedex_vera")
 class FedExVeRA(Algorithm):
     """FedEx-VeRA: weighted means of lambda_b and lambda_d, plus the exact residual folded into the base.
 
@@ -248,6 +253,10 @@ class FedExVeRA(Algorithm):
         g = state["global"]
         sent = num_bytes({k: g[k] for k in state["upload_keys"]}) + correction_bytes(state, client_id)
         return ClientPlan(weights=g, upload_keys=frozenset(state["upload_keys"]), wire_bytes=sent)
+
+    def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
+        """The federated subset loaded over the common initial weights (the frozen rest)."""
+        return ctx.load_network({**ctx.client_template(), **state["global"]})
 
     def aggregate(self, state: ServerState, results: list[ClientResult], ctx: ServerContext) -> ServerState:
         g = state["global"]
