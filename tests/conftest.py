@@ -66,8 +66,8 @@ def femnist_dir(tmp_path: Path) -> Path:
     return root
 
 
-CIFAR_BATCHES = 2
-CIFAR_PER_CLASS_PER_BATCH = 6
+CIFAR_PER_CLASS_PER_BATCH = (3, 3, 2, 2, 2)
+"""Images per class in data_batch_1..5 (12 per class in all)."""
 CIFAR_TEST_PER_CLASS = 3
 
 
@@ -95,13 +95,16 @@ def write_pickle(path: Path, obj: dict) -> None:
 
 @pytest.fixture
 def make_cifar_dir(tmp_path: Path) -> Callable[..., Path]:
-    """Builds ``<root>/cifar-10-batches-py`` with 2 training batches of 6 images per class and a test batch."""
+    """Builds ``<root>/cifar-10-batches-py`` with the five training batches (12 images per class in
+    all, labels cycling 0..9 in file order) and a test batch."""
 
-    def make(per_class_per_batch: int = CIFAR_PER_CLASS_PER_BATCH) -> Path:
+    def make(per_class_per_batch: tuple[int, ...] = CIFAR_PER_CLASS_PER_BATCH) -> Path:
         folder = tmp_path / "cifar" / "cifar-10-batches-py"
         folder.mkdir(parents=True)
-        for b in range(CIFAR_BATCHES):
-            write_pickle(folder / f"data_batch_{b + 1}", cifar_batch(b * 10 * per_class_per_batch, per_class_per_batch))
+        first = 0
+        for b, per_class in enumerate(per_class_per_batch):
+            write_pickle(folder / f"data_batch_{b + 1}", cifar_batch(first, per_class))
+            first += 10 * per_class
         write_pickle(folder / "test_batch", cifar_batch(10_000, CIFAR_TEST_PER_CLASS))
         return folder.parent
 

@@ -1,9 +1,10 @@
-"""CIFAR-10 reader and split, on conftest.py's pickles: 2 batches x 6 images per class, labels cycling 0..9.
+"""CIFAR-10 reader and split, on conftest.py's pickles: 5 batches, 12 images per class, labels cycling 0..9.
 
 Each image's global index (file order) is stored in red pixels (0, 0) and (0, 1), so class c's images
 are c, c + 10, ..., c + 110 and the test batch's are 10000..10029.
 """
 
+import logging
 import pickle
 import re
 
@@ -127,3 +128,41 @@ def test_missing_test_batch_is_an_error(make_cifar_dir):
     (root / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(DataError, match="test_batch"):
         module(root)
+
+
+def test_missing_training_batch_is_an_error_naming_it(make_cifar_dir):
+    root = make_cifar_dir()
+    (root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataError, match=r"lacks data_batch_3 .*allow_missing_batches"):
+        module(root)
+
+
+def test_missing_batches_allowed_explicitly_warn_naming_them(make_cifar_dir, caplog):
+    root = make_cifar_dir()
+    (root / "cifar-10-batches-py" / "data_batch_5").unlink()
+    with caplog.at_level(logging.WARNING):
+        s = module(root, allow_missing_batches=True).splits
+    assert "data_batch_5" in caplog.text
+    assert sum(len(d) for d in (*s.client_train, *s.client_test, s.server_train, s.val, s.probe)) == 100
+
+
+def test_label_outside_the_classes_names_the_file_and_row(make_cifar_dir):
+    folder = make_cifar_dir() / "cifar-10-batches-py"
+    batch = pickle.loads((folder / "data_batch_4").read_bytes())
+    batch[b"labels"][7] = 10
+    (folder / "data_batch_4").write_bytes(pickle.dumps(batch))
+    with pytest.raises(DataError, match=r"data_batch_4: label 10 at row 7 is outside 0..9"):
+        module(folder.parent)
+
+
+@pytest.mark.parametrize(
+    "option, value, key",
+    [("dirichlet_alpha", 0.0, "data.dirichlet_alpha"), ("dirichlet_alpha", float("nan"), "data.dirichlet_alpha"),
+     ("batch_size", 0, "data.batch_size"), ("min_client_size", 0, "data.min_client_size"),
+     ("client_test_fraction", 1.0, "data.client_test_fraction"), ("probe_per_class", -1, "data.probe_per_class")],
+)
+def test_out_of_range_options_are_refused_before_reading(tmp_path, option, value, key):
+    from fedmoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        CIFAR10DataModule(str(tmp_path / "nowhere"), **{option: value})

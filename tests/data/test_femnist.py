@@ -5,6 +5,7 @@ has no test part; pixels 0..2 of each row hold (writer number, sample number, 0 
 """
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -156,3 +157,36 @@ def test_missing_test_files_is_an_error(femnist_dir):
         f.unlink()
     with pytest.raises(DataError, match="test"):
         module(femnist_dir)
+
+
+def test_train_file_without_its_test_file_is_an_error_naming_it(femnist_dir):
+    (femnist_dir / "test" / "all_data_7_niid_0_keep_0_test_9.json").unlink()
+    with pytest.raises(DataError, match=r"lacks all_data_7_niid_0_keep_0_test_9.json\[.gz\] .*allow_missing_test"):
+        module(femnist_dir)
+
+
+def test_missing_test_files_allowed_explicitly_warn_naming_them(femnist_dir, caplog):
+    (femnist_dir / "test" / "all_data_7_niid_0_keep_0_test_9.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        s = module(femnist_dir, allow_missing_test=True).splits
+    assert "all_data_7_niid_0_keep_0_test_9" in caplog.text
+    assert len(s.client_test[0]) > 0
+
+
+def test_label_outside_the_classes_names_the_file_writer_and_row(femnist_dir):
+    path = femnist_dir / "train" / "all_data_7_niid_0_keep_0_train_9.json"
+    doc = json.loads(path.read_text())
+    doc["user_data"]["w01"]["y"][4] = 62
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"all_data_7_niid_0_keep_0_train_9.json: writer w01 has label 62 at row 4"):
+        module(femnist_dir)
+
+
+@pytest.mark.parametrize(
+    "option, value", [("writers_per_client", 0), ("server_writers", -1), ("val_fraction", 1.0), ("eval_batch_size", 0)]
+)
+def test_out_of_range_options_are_refused_before_reading(tmp_path, option, value):
+    from fedmoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"data.{option}="):
+        FEMNISTDataModule(str(tmp_path / "nowhere"), **{option: value})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -13,8 +14,12 @@ from fedmoe.data.federated import ArrayDataset, FederatedDataModule, FederatedSp
 from fedmoe.data.partition import dirichlet, holdout
 from fedmoe.data.transforms import cifar_eval_transform, cifar_train_transform
 from fedmoe.errors import DataError
+from fedmoe.validation import check_float, check_int
+
+log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
+NUM_TRAIN_BATCHES = 5
 FOLDER = "cifar-10-batches-py"
 HOW_TO_GET = (
     "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it there "
@@ -59,14 +64,39 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(
             f"{path}: expected b'data' uint8 N x 3072 and N labels, got {x.dtype} {x.shape} and {y.shape} labels"
         )
-    if len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES):
-        raise DataError(f"{path}: labels must be in 0..{NUM_CLASSES - 1}, found {y.min()}..{y.max()}")
+    bad = np.flatnonzero((y < 0) | (y >= NUM_CLASSES))
+    if len(bad):
+        raise DataError(
+            f"{path}: label {y[bad[0]]} at row {bad[0]} is outside 0..{NUM_CLASSES - 1} "
+            f"({len(bad)} such rows); the file is not CIFAR-10's"
+        )
     return x.reshape(-1, 3, 32, 32), y
 
 
-def read_cifar10(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Training batches (concatenated in order 1..5) and the test batch: ``(x_train, y_train, x_test, y_test)``."""
+def missing_train_batches(folder: Path) -> list[str]:
+    """Names of CIFAR-10's five training batches that ``folder`` lacks."""
+    return [f"data_batch_{k}" for k in range(1, NUM_TRAIN_BATCHES + 1) if not (folder / f"data_batch_{k}").is_file()]
+
+
+def read_cifar10(
+    data_dir: str | Path, allow_missing_batches: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training batches (concatenated in order 1..5) and the test batch: ``(x_train, y_train, x_test, y_test)``.
+
+    A folder without all five training batches is an error, unless ``allow_missing_batches``, which
+    reads those present and warns naming the missing ones.
+    """
     folder = find_cifar_dir(data_dir)
+    missing = missing_train_batches(folder)
+    if missing and not allow_missing_batches:
+        raise DataError(
+            f"CIFAR-10 folder {folder} lacks {', '.join(missing)} (CIFAR-10 has data_batch_1 to "
+            f"data_batch_{NUM_TRAIN_BATCHES}); restore them, or set data.allow_missing_batches true to use "
+            "the batches that are there"
+        )
+    if missing:
+        log.warning("CIFAR-10 folder %s lacks %s: training on the other batches (allow_missing_batches)",
+                    folder, ", ".join(missing))
     parts = [read_cifar_batch(p) for p in train_batches(folder)]
     test_path = folder / "test_batch"
     if not test_path.is_file():
@@ -90,6 +120,8 @@ class CIFAR10DataModule(FederatedDataModule):
         dirichlet_alpha: concentration of the per-class client shares.
         min_client_size: fewest samples a client may get before holding out its test part.
         client_test_fraction: share of each client's data held out for client evaluation.
+        allow_missing_batches: train on the batches present when some of ``data_batch_1..5`` are
+            missing (a warning names them); by default a missing batch is an error.
     """
 
     def __init__(
@@ -106,8 +138,16 @@ class CIFAR10DataModule(FederatedDataModule):
         dirichlet_alpha: float = 1.0,
         min_client_size: int = 10,
         client_test_fraction: float = 0.1,
+        allow_missing_batches: bool = False,
     ) -> None:
         super().__init__(data_dir, num_clients, batch_size, server_batch_size, eval_batch_size, seed)
+        for key, value in (("server_per_class", server_per_class), ("val_per_class", val_per_class),
+                           ("probe_per_class", probe_per_class)):
+            check_int(f"data.{key}", value, 0)
+        check_float("data.dirichlet_alpha", dirichlet_alpha, 0.0, low_open=True)
+        check_int("data.min_client_size", min_client_size, 1)
+        check_float("data.client_test_fraction", client_test_fraction, 0.0, 1.0, high_open=True)
+        self.allow_missing_batches = allow_missing_batches
         self.server_per_class = server_per_class
         self.val_per_class = val_per_class
         self.probe_per_class = probe_per_class
@@ -141,7 +181,7 @@ class CIFAR10DataModule(FederatedDataModule):
     def build(self) -> FederatedSplits:
         if not Path(self.data_dir).is_dir():
             raise DataError(f"CIFAR-10 data folder {self.data_dir} does not exist; {HOW_TO_GET}")
-        x_train, y_train, x_test, y_test = read_cifar10(self.data_dir)
+        x_train, y_train, x_test, y_test = read_cifar10(self.data_dir, self.allow_missing_batches)
         server, val, probe, pool = self._server_rows(y_train, find_cifar_dir(self.data_dir))
 
         part_rng, hold_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(self.seed).spawn(2))

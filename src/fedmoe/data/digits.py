@@ -8,6 +8,7 @@ from sklearn.datasets import load_digits
 
 from fedmoe.data.federated import ArrayDataset, FederatedDataModule, FederatedSplits
 from fedmoe.data.partition import dirichlet, holdout, stratified_holdout
+from fedmoe.validation import check_float, check_int
 
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
@@ -37,6 +38,8 @@ class DigitsDataModule(FederatedDataModule):
         min_client_size: int = 10,
     ) -> None:
         super().__init__(data_dir, num_clients, batch_size, server_batch_size, eval_batch_size, seed)
+        check_float("data.dirichlet_alpha", dirichlet_alpha, 0.0, low_open=True)
+        check_int("data.min_client_size", min_client_size, 1)
         self.dirichlet_alpha = dirichlet_alpha
         self.min_client_size = min_client_size
 

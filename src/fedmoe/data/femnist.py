@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,9 @@ from fedmoe.data.federated import ArrayDataset, FederatedDataModule, FederatedSp
 from fedmoe.data.partition import contiguous_groups, holdout
 from fedmoe.data.transforms import femnist_eval_transform, femnist_train_transform
 from fedmoe.errors import DataError
+from fedmoe.validation import check_float, check_int
+
+log = logging.getLogger(__name__)
 
 PIXELS = 28 * 28
 NUM_CLASSES = 62
@@ -59,6 +63,12 @@ def _read_leaf_file(path: Path) -> WriterData:
                 f"{path}: writer {writer} needs 'x' as rows of {PIXELS} floats and one label per row, "
                 f"got x {x.shape} and y {y.shape}"
             )
+        bad = np.flatnonzero((y < 0) | (y >= NUM_CLASSES))
+        if len(bad):
+            raise DataError(
+                f"{path}: writer {writer} has label {y[bad[0]]} at row {bad[0]}, outside 0..{NUM_CLASSES - 1} "
+                f"({len(bad)} such rows); FEMNIST has {NUM_CLASSES} classes"
+            )
         out[str(writer)] = (x, y)
     return out
 
@@ -76,6 +86,26 @@ def read_leaf(folder: str | Path) -> WriterData:
                 raise DataError(f"writer {writer} appears in both {source[writer]} and {path}")
             data[writer], source[writer] = xy, path
     return data
+
+
+def _leaf_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def missing_test_counterparts(root: Path) -> list[str]:
+    """Train files of ``root/train`` whose test file (the name with ``_train_`` -> ``_test_``, plain
+    or gzip) is not in ``root/test``: LEAF writes both for every part of the data."""
+    tests = {_leaf_stem(p) for p in leaf_files(root / "test")}
+    missing = []
+    for path in leaf_files(root / "train"):
+        stem = _leaf_stem(path)
+        head, sep, tail = stem.rpartition("_train_")
+        if sep and f"{head}_test_{tail}" not in tests:
+            missing.append(f"{head}_test_{tail}.json[.gz] (for {path.name})")
+    return missing
 
 
 def find_leaf_root(data_dir: str | Path) -> Path:
@@ -102,6 +132,8 @@ class FEMNISTDataModule(FederatedDataModule):
         probe_writers: writers whose train parts form D_r.
         shuffle_writers: shuffle the writer order with ``seed`` instead of sorting by id.
         val_fraction: share of each client writer's train part held out for validation.
+        allow_missing_test: accept train files whose LEAF test file is missing (their writers then
+            have no held-out data; a warning names the files); by default that is an error.
     """
 
     def __init__(
@@ -117,8 +149,14 @@ class FEMNISTDataModule(FederatedDataModule):
         probe_writers: int = 1,
         shuffle_writers: bool = False,
         val_fraction: float = 0.1,
+        allow_missing_test: bool = False,
     ) -> None:
         super().__init__(data_dir, num_clients, batch_size, server_batch_size, eval_batch_size, seed)
+        check_int("data.writers_per_client", writers_per_client, 1)
+        check_int("data.server_writers", server_writers, 0)
+        check_int("data.probe_writers", probe_writers, 0)
+        check_float("data.val_fraction", val_fraction, 0.0, 1.0, high_open=True)
+        self.allow_missing_test = allow_missing_test
         self.writers_per_client = writers_per_client
         self.server_writers = server_writers
         self.probe_writers = probe_writers
@@ -136,8 +174,6 @@ class FEMNISTDataModule(FederatedDataModule):
             )
 
     def build(self) -> FederatedSplits:
-        if min(self.server_writers, self.probe_writers) < 0 or not 0.0 <= self.val_fraction < 1.0:
-            raise DataError("server_writers and probe_writers must be >= 0 and val_fraction in [0, 1)")
         if not Path(self.data_dir).is_dir():
             raise DataError(f"FEMNIST data folder {self.data_dir} does not exist; {HOW_TO_GET}")
         root = find_leaf_root(self.data_dir)
@@ -145,6 +181,15 @@ class FEMNISTDataModule(FederatedDataModule):
         self._check_sizes(len(train), root / "train")
         if not leaf_files(root / "test"):
             raise DataError(f"no FEMNIST test files (LEAF *.json or *.json.gz) in {root}/test; {HOW_TO_GET}")
+        missing = missing_test_counterparts(root)
+        if missing and not self.allow_missing_test:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise DataError(
+                f"{root}/test lacks {'; '.join(missing[:3])}{more}; restore the LEAF test files, or set "
+                "data.allow_missing_test true to run without those writers' test data"
+            )
+        if missing:
+            log.warning("%s/test lacks %s: those writers have no test data (allow_missing_test)", root, "; ".join(missing))
         test = read_leaf(root / "test")
 
         shuffle_rng, split_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(self.seed).spawn(2))

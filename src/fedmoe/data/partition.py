@@ -45,8 +45,8 @@ def dirichlet(
     n = len(labels)
     if num_clients < 1:
         raise DataError(f"Dirichlet split needs at least 1 client, got num_clients={num_clients}")
-    if alpha <= 0:
-        raise DataError(f"Dirichlet split needs dirichlet_alpha > 0, got {alpha}")
+    if not (alpha > 0 and np.isfinite(alpha)):
+        raise DataError(f"Dirichlet split needs a finite dirichlet_alpha > 0, got {alpha}")
     if n < num_clients * min_size:
         raise DataError(
             f"Dirichlet split needs {num_clients} clients x {min_size} samples (min_client_size) = "
