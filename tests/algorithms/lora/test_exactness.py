@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from fedmoe.algorithms.lora import fedex_aggregate, fedit_aggregate, ffa_aggregate, flora_aggregate
 from fedmoe.algorithms.lora.layout import to_base_layout
@@ -199,9 +201,6 @@ def _peft_clients(model, layers, m, seed):
 def test_real_peft_linear_and_conv1d_layers_aggregate_exactly(kit, rule, rslora):
     """PEFT-wrapped non-square nn.Linear and GPT-2 Conv1D layers: each adapted layer's output under
     the aggregate equals the p-weighted mean of its outputs under the clients' adapters."""
-    from peft import LoraConfig, get_peft_model
-    from transformers.pytorch_utils import Conv1D
-
     torch.manual_seed(0)
     for target, fan_in_fan_out in ((nn.Linear(7, 5), False), (Conv1D(5, 7), True)):  # Conv1D(nf=d_out, nx=d_in)
         net = nn.Sequential(target).double()
