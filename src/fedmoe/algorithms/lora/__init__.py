@@ -11,6 +11,7 @@ from fedmoe.algorithms.lora.ffa import FFALoRA, ffa_aggregate
 from fedmoe.algorithms.lora.fedsa import FedSALoRA, fedsa_aggregate
 from fedmoe.algorithms.lora.flora import FLoRA, flora_aggregate, fresh_lora_a
 from fedmoe.algorithms.lora.hetlora import HetLoRA, TailPenalty, hetlora_aggregate, prune_decision, tail_norm
+from fedmoe.algorithms.lora import sorf_vera, vera  # noqa: F401  (register fedex_vera, sorf_vera)
 
 __all__ = [
     "RULES",
