@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,8 +18,10 @@ from torch import nn
 
 from fedmoe.algorithms.lora.layout import LoRALayer, VeRALayer
 from fedmoe.errors import DataError, FedMoEError
-from fedmoe.models.lora import AdapterSpec, adapted_layers, apply_adapter
+from fedmoe.models.lora import HEAD_MODULES, AdapterSpec, adapted_layers, apply_adapter
 from fedmoe.models.networks import register_network
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -170,14 +173,36 @@ def _from_pretrained(folder: str, num_classes: int, dtype: torch.dtype | None) -
     if not (path / "config.json").is_file():
         raise DataError(f"model folder {path} holds no config.json; it must be a save_pretrained folder")
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_classes, local_files_only=True, dtype=dtype
-        )
+        with _quiet_transformers():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=num_classes, local_files_only=True, dtype=dtype, output_loading_info=True
+            )
     except (OSError, ValueError, RuntimeError) as err:
         reason = _first_line(err)
         if "ignore_mismatched_sizes" in reason:
             reason = f"its saved classification head does not have num_classes={num_classes} outputs"
         raise DataError(f"cannot load a sequence classifier from {path}: {reason}") from err
+    # A base-model folder has no head: the new head's keys are expected to be missing.
+    missing = [k for k in info["missing_keys"] if k.split(".")[0] not in HEAD_MODULES]
+    if missing:
+        log.warning("model folder %s lacks %d weights (initialised at random), e.g. %s", path, len(missing), missing[:3])
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' loading report and progress bar (its expected news: a new head)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _from_config(config: dict[str, Any], num_classes: int, dtype: torch.dtype | None) -> nn.Module:
