@@ -72,6 +72,19 @@ def test_rotation_is_the_product_of_givens_rotations_in_the_reference_order():
     assert sv.givens_pairs(4) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
+@pytest.mark.parametrize("path", ["tree", "chunked_tree", "row_chain"])
+def test_every_way_of_building_the_rotation_gives_the_ordered_product(path, monkeypatch):
+    if path == "chunked_tree":
+        monkeypatch.setattr(sv, "_TREE_ELEMENTS", 3 * 36)  # chunks of 3 matrices
+    if path == "row_chain":
+        monkeypatch.setattr(sv, "_TREE_MAX_RANK", 1)
+    angles = torch.randn(15, dtype=F64, generator=torch.Generator().manual_seed(2))
+    want = torch.eye(6, dtype=F64)
+    for (p, q), t in zip(sv.givens_pairs(6), angles.tolist()):
+        want = want @ _givens(6, p, q, t)
+    torch.testing.assert_close(sv.rotation(angles, 6), want)
+
+
 def test_rotation_angles_invert_rotation_and_gradients_reach_the_angles():
     angles = torch.randn(10, dtype=F64, generator=torch.Generator().manual_seed(0)) * 0.5
     g = sv.rotation(angles, 5)
