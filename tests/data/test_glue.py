@@ -226,6 +226,28 @@ def test_left_padded_sequences_are_cut_from_the_right():
     assert "token_type_ids" not in x and y.tolist() == [0, 0]
 
 
+def test_a_left_padding_tokenizer_without_pad_token_pads_with_eos(make, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<eos>", "<unk>", *WORDS])}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "causal_tok"
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>", padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+    ).save_pretrained(str(folder))
+    dm = make("sst2", tokenizer=str(folder))
+    assert dm.pad_token_id == 0
+    test = dm.splits.test
+    lengths = test.token_lengths.tolist()
+    i, j = lengths.index(min(lengths)), lengths.index(max(lengths))
+    x, _ = test.__getitems__([i, j])
+    assert x["input_ids"][0, -lengths[i]:].tolist() == [WORDS.index(w) + 2 for w in sentence(N_TRAIN + i).split()]
+    assert x["attention_mask"][0].tolist() == [0] * (lengths[j] - lengths[i]) + [1] * lengths[i]
+    assert "token_type_ids" not in x
+
+
 def test_loaders_yield_dict_batches_through_batch_collate(make):
     dm = make("mrpc", batch_size=16)
     loader = dm.client_train_loader(0)
@@ -361,6 +383,11 @@ def test_stsb_metrics_are_mse_pearson_and_spearman():
     assert m["spearman"] == pytest.approx(1.0)
 
 
+def test_stsb_metrics_refuse_more_than_one_output_per_example():
+    with pytest.raises(ValueError, match=r"one output per example: got outputs \(3, 2\) for 3 targets"):
+        GLUEDataModule(task="stsb").metrics(torch.zeros(3, 2), torch.zeros(3))
+
+
 def test_sst2_metrics_are_loss_and_accuracy_only():
     m = GLUEDataModule(task="sst2").metrics(torch.tensor([[0.0, 1.0], [0.0, 1.0]]), torch.tensor([1, 0]))
     assert set(m) == {"loss", "acc"} and m["acc"] == 0.5
@@ -431,13 +458,15 @@ def test_rows_with_extra_fields_and_empty_files(tmp_path):
 
 
 def test_tokenizer_missing_unset_or_unloadable(make, tmp_path):
-    with error(r"tokenizer folder .*nowhere does not exist"):
+    with error(r"tokenizer folder .*nowhere' does not exist"):
         make("sst2", tokenizer=str(tmp_path / "nowhere"))
     with error(r"data.tokenizer is not set"):
         make("sst2", tokenizer="")
     (tmp_path / "empty").mkdir()
     with error(r"tokenizer folder .*empty holds no loadable tokenizer"):
         make("sst2", tokenizer=str(tmp_path / "empty"))
+    with error(r"tokenizer folder 'package:no_such_tokenizer_pkg': Python package .* is not installed"):
+        make("sst2", tokenizer="package:no_such_tokenizer_pkg")
 
 
 def test_client_left_empty_after_holding_out_its_test_part(make):

