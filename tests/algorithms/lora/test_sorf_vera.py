@@ -72,17 +72,28 @@ def test_rotation_is_the_product_of_givens_rotations_in_the_reference_order():
     assert sv.givens_pairs(4) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
-@pytest.mark.parametrize("path", ["tree", "chunked_tree", "row_chain"])
-def test_every_way_of_building_the_rotation_gives_the_ordered_product(path, monkeypatch):
-    if path == "chunked_tree":
-        monkeypatch.setattr(sv, "_TREE_ELEMENTS", 3 * 36)  # chunks of 3 matrices
-    if path == "row_chain":
-        monkeypatch.setattr(sv, "_TREE_MAX_RANK", 1)
+@pytest.mark.parametrize("path", ["tree", "fans"])
+def test_both_ways_of_building_the_rotation_give_the_ordered_product(path, monkeypatch):
+    monkeypatch.setattr(sv, "_TREE_MAX_RANK", 16 if path == "tree" else 1)
     angles = torch.randn(15, dtype=F64, generator=torch.Generator().manual_seed(2))
+    angles[4] = math.pi / 2  # a zero cosine inside the fans' products
     want = torch.eye(6, dtype=F64)
     for (p, q), t in zip(sv.givens_pairs(6), angles.tolist()):
         want = want @ _givens(6, p, q, t)
-    torch.testing.assert_close(sv.rotation(angles, 6), want)
+    a = angles.clone().requires_grad_(True)
+    got = sv.rotation(a, 6)
+    torch.testing.assert_close(got, want)
+    got.pow(3).sum().backward()
+    b = angles.clone().requires_grad_(True)
+    chain = torch.eye(6, dtype=F64)
+    for idx, (p, q) in enumerate(sv.givens_pairs(6)):
+        g = torch.eye(6, dtype=F64).index_put(
+            (torch.tensor([p, p, q, q]), torch.tensor([p, q, p, q])),
+            torch.stack([torch.cos(b[idx]), -torch.sin(b[idx]), torch.sin(b[idx]), torch.cos(b[idx])]),
+        )
+        chain = chain @ g
+    chain.pow(3).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_rotation_angles_invert_rotation_and_gradients_reach_the_angles():
