@@ -20,6 +20,10 @@ diag(lambda_d) (see :mod:`fedmoe.algorithms.lora.sorf_vera` for the math). As in
 ``d_initial`` = 0.1 and angles at 0, so delta W = 0.1 S B_s A_s is not zero at init (unlike VeRA,
 whose lambda_b starts at 0); ``d_initial=0`` starts from the base model.
 
+Cost: every forward builds Lambda_d from r (r - 1) / 2 angles (forward plus backward on one CPU
+thread, per layer: 0.01 s at r = 16, 0.06 s at r = 32, 0.4 s at r = 128, 2 s at r = 256) and
+multiplies by the dense d_out x d_out S; on a CPU keep r at 32 or below.
+
 State-dict keys per adapted module ``m`` (adapter ``default``): ``m.base_layer.weight`` (and bias),
 ``m.sorf_b_real.default``, ``m.sorf_b_imag.default``, ``m.sorf_d_scale.default`` (a 0-d tensor),
 ``m.sorf_d_angles.default``, and, with ``save_projection`` (default, as PEFT), the shared buffers

@@ -333,11 +333,10 @@ def aggregate_sorf_vera(
         b_imag = sum(w * c.b_imag.to(f64) for w, c in zip(p, clients))
         scale, angles = nearest_scaled_rotation(sum(w * lam for w, lam in zip(p, lams)))
     new = SORFParams(b_real, b_imag, scale, angles)
-    represented = s @ _middle(b_real, b_imag, b_, lambda_d(scale, angles, r)) @ a_
+    gap = s @ (target_mid - _middle(b_real, b_imag, b_, lambda_d(scale, angles, r))) @ a_
     norm = float(target.norm())
-    error = float((represented - target).norm()) / norm if norm > 0 else 0.0
-    residual = None if refit == "reference" else target - represented
-    return SORFAggregate(new, residual, error)
+    error = float(gap.norm()) / norm if norm > 0 else 0.0
+    return SORFAggregate(new, None if refit == "reference" else gap, error)
 
 
 # -- the algorithm ----------------------------------------------------------------------------------
