@@ -1,0 +1,179 @@
+"""Server-side cost of exact LoRA aggregation: FedEx-LoRA (residual computed and folded into the base
+weights) vs FedIT (means of A and B), on adapters shaped like Qwen2-0.5B.
+
+10 clients, 24 decoder layers, hidden 896 with 2 KV heads of 64: q 896->896, k 896->128,
+v 896->128, o 896->896, rank 16, float32, random tensors, unequal sample counts. Rows:
+
+- ``fedit``: ``fedit_aggregate`` (new A, B and head).
+- ``fedex``: ``fedex_aggregate``: FedIT plus R = sum_{i<m} p_i (B_i - B_m)(A_i - A_bar) from its
+  factors (one matmul per layer, inner dimension (m-1) r) added into new base tensors.
+- ``fedex (in place)``: the same, folded into the given base tensors (no copy of the base).
+- ``fedex (naive)``: for reference, the residual from each client's B_i A_i materialised one by one,
+  as the reference code does.
+
+- ``fedex (factors only)``: FedIT plus the residual's factors U, V, not folded: what the server
+  pays when the clients fold the broadcast factors themselves.
+
+Time: median of ``--reps`` repetitions, the methods interleaved within each repetition, with the
+default allocator. Memory: measured in a second process, peak resident set size during the call
+minus the resident size just before it (Linux ``/proc/self/status`` VmHWM after resetting it
+through ``/proc/self/clear_refs``), median over the repetitions; that process pins glibc's mmap
+threshold (``MALLOC_MMAP_THRESHOLD_=4096``) so every tensor is mapped on allocation and unmapped on
+free and the resident size follows torch's allocations (it would distort timings: page faults).
+
+    OMP_NUM_THREADS=1 python benchmarks/lora_aggregation.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import json
+import subprocess
+
+import torch
+
+from fedmoe.algorithms.lora import fedex_aggregate, fedit_aggregate
+from fedmoe.algorithms.lora.common import residual_factors
+from fedmoe.algorithms.lora.layout import LoRALayer
+
+HIDDEN, KV = 896, 128
+PROJECTIONS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN)}
+
+
+def build(clients: int, layers: int, rank: int, seed: int = 0):
+    """Layer records, the global state (base weights, adapters, a 2-way head) and client uploads."""
+    gen = torch.Generator().manual_seed(seed)
+    records, state = [], {}
+    for i in range(layers):
+        for proj, (d_out, d_in) in PROJECTIONS.items():
+            name = f"model.layers.{i}.self_attn.{proj}"
+            rec = LoRALayer(name, f"{name}.base_layer.weight", f"{name}.lora_A.default.weight",
+                            f"{name}.lora_B.default.weight", 32.0 / rank)
+            records.append(rec)
+            state[rec.base_key] = torch.randn(d_out, d_in, generator=gen) * 0.02
+            state[rec.a_key] = torch.randn(rank, d_in, generator=gen) * 0.02
+            state[rec.b_key] = torch.zeros(d_out, rank)
+    state["score.weight"] = torch.randn(2, HIDDEN, generator=gen) * 0.02
+    uploads = []
+    for _ in range(clients):
+        uploads.append({k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in state.items() if "base_layer" not in k})
+    samples = torch.randint(50, 500, (clients,), generator=gen).tolist()
+    return records, state, uploads, samples
+
+
+def naive_fedex(state, uploads, samples, records):
+    """The residual from each client's B_i A_i, one dense d_out x d_in product per client."""
+    new, _ = fedit_aggregate(state, uploads, samples, records)
+    p = [n / sum(samples) for n in samples]
+    for rec in records:
+        acc = torch.zeros_like(state[rec.base_key])
+        for w, up in zip(p, uploads):
+            acc.add_(up[rec.b_key] @ up[rec.a_key], alpha=w)
+        acc.sub_(new[rec.b_key] @ new[rec.a_key])
+        new[rec.base_key] = state[rec.base_key] + rec.scaling * acc
+    return new
+
+
+def factors_only(state, uploads, samples, records):
+    """FedIT plus each layer's residual factors (not folded)."""
+    new, _ = fedit_aggregate(state, uploads, samples, records)
+    p = [n / sum(samples) for n in samples]
+    factors = {
+        rec.name: residual_factors([u[rec.b_key] for u in uploads], [u[rec.a_key] for u in uploads], p, new[rec.a_key])
+        for rec in records
+    }
+    return new, factors
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure(fn: Callable[[], object]) -> tuple[float, int]:
+    """(seconds, peak resident bytes above the resident size before the call)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status("VmRSS")
+    t0 = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - t0
+    peak = _status("VmHWM") - before
+    del out
+    return seconds, peak
+
+
+def run(args: argparse.Namespace, memory: bool) -> dict[str, list[float]]:
+    """Per method, the ``--reps`` timings (s) or peak resident deltas (bytes)."""
+    records, state, uploads, samples = build(args.clients, args.layers, args.rank)
+    bases = {r.base_key: state[r.base_key] for r in records}
+    scratch = {"state": None}
+
+    def fresh():
+        scratch["state"] = {**state, **{k: v.clone() for k, v in bases.items()}}
+
+    methods: dict[str, Callable[[], object]] = {
+        "fedit": lambda: fedit_aggregate(state, uploads, samples, records),
+        "fedex": lambda: fedex_aggregate(state, uploads, samples, records),
+        "fedex (in place)": lambda: fedex_aggregate(scratch["state"], uploads, samples, records, inplace=True),
+        "fedex (factors only)": lambda: factors_only(state, uploads, samples, records),
+        "fedex (naive)": lambda: naive_fedex(state, uploads, samples, records),
+    }
+    out: dict[str, list[float]] = {m: [] for m in methods}
+    fresh()
+    for fn in methods.values():  # warm-up
+        fn()
+        fresh()
+    for _ in range(args.reps):
+        for name, fn in methods.items():
+            seconds, peak = measure(fn)
+            out[name].append(peak if memory else seconds)
+            fresh()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_only:
+        print(json.dumps(run(args, memory=True)))
+        return
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096"}
+    child = subprocess.run([sys.executable, *sys.argv, "--memory-only"], env=env, capture_output=True, text=True, check=True)
+    peaks = json.loads(child.stdout.strip().splitlines()[-1])
+    times = run(args, memory=False)
+
+    records, state, uploads, samples = build(args.clients, args.layers, args.rank)
+    fast, _ = fedex_aggregate(state, uploads, samples, records)
+    slow = naive_fedex(state, uploads, samples, records)
+    err = max(float((fast[r.base_key] - slow[r.base_key]).abs().max()) for r in records)
+    adapters = sum(v.numel() * v.element_size() for v in uploads[0].values())
+    base = sum(state[r.base_key].numel() * 4 for r in records)
+    print(f"{args.clients} clients, {args.layers} layers x (q, k, v, o), rank {args.rank}, float32; one client's "
+          f"upload {adapters / 2**20:.1f} MiB, adapted base weights {base / 2**20:.1f} MiB; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s); median of {args.reps}")
+    print(f"max |factored - naive| over the folded base weights: {err:.2e}\n")
+    ref_t, ref_m = statistics.median(times["fedit"]), statistics.median(peaks["fedit"])
+    print("| method | time (ms) | time / FedIT | peak RSS delta (MiB) | memory / FedIT |")
+    print("|---|---:|---:|---:|---:|")
+    for name in times:
+        t, m = statistics.median(times[name]), statistics.median(peaks[name])
+        print(f"| {name} | {t * 1e3:.1f} | {t / ref_t:.2f} | {m / 2**20:.1f} | {m / max(ref_m, 1):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
