@@ -170,7 +170,7 @@ def test_gzip_files_and_the_task_folder_itself_are_accepted(tmp_path, tokenizer_
         folder.mkdir(exist_ok=True)
         with gzip.open(folder / f"{name}.tsv.gz", "wb") as f:
             f.write(text)
-    dm = GLUEDataModule(str(folder), task="sst2", tokenizer=str(tokenizer_dir))
+    dm = GLUEDataModule(str(folder), task="sst2", tokenizer=tokenizer_dir)  # a Path works too
     dm.setup()
     assert len(dm.splits.test) == 4 and sum(len(d) for d in dm.splits.client_train) > 0
 

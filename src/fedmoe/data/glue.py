@@ -183,12 +183,12 @@ def read_glue_tsv(path: str | Path, task: GLUETask) -> GLUEExamples:
     return GLUEExamples(tuple(df[c].astype(str).tolist() for c in task.text), labels)
 
 
-def load_tokenizer(spec: str):
+def load_tokenizer(spec: str | Path):
     """``AutoTokenizer.from_pretrained`` from a local folder, given as a path or ``package:NAME``
     (:func:`fedmoe.models.local.resolve_local_dir`); pads with EOS when it has no pad token."""
     if not spec:
         raise DataError("data.tokenizer is not set; give a local tokenizer folder (a model folder usually holds one)")
-    folder = resolve_local_dir(spec, "tokenizer folder")
+    folder = resolve_local_dir(str(spec), "tokenizer folder")
     from transformers import AutoTokenizer
 
     try:
