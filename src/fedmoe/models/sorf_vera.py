@@ -170,7 +170,8 @@ class SORFVeRALinear(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            self.set_base_weight(self.get_base_weight() - self.get_delta_weight(adapter).to(self.get_base_weight().dtype))
+            weight = self.get_base_weight()
+            self.set_base_weight(weight - self.get_delta_weight(adapter).to(weight.dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -230,7 +231,8 @@ def apply_sorf_vera(model: nn.Module, config: SORFVeRAConfig) -> nn.Module:
     for name, module in targets:
         d_out = _in_out(module)[1]
         if d_out not in mixers:
-            mixers[d_out] = BufferDict({adapter: sorf_matrix(d_out, config.sorf_seed).to(device)}, persistent=persistent)
+            mixer = sorf_matrix(d_out, config.sorf_seed).to(device)
+            mixers[d_out] = BufferDict({adapter: mixer}, persistent=persistent)
         layer = SORFVeRALinear(
             module, sorf_A, sorf_B, mixers[d_out], adapter, config.r, config.d_initial, config.train_b, config.dropout
         )

@@ -147,7 +147,8 @@ def _clients(m: int, d_out: int, r: int, train_b: bool, seed: int = 0) -> list[s
 
 def _pieces(d_out: int, d_in: int, r: int):
     g = torch.Generator().manual_seed(9)
-    return sv.sorf_matrix(d_out, 42, dtype=F64), torch.randn(d_out, r, generator=g, dtype=F64), torch.randn(r, d_in, generator=g, dtype=F64)
+    proj_b = torch.randn(d_out, r, generator=g, dtype=F64)
+    return sv.sorf_matrix(d_out, 42, dtype=F64), proj_b, torch.randn(r, d_in, generator=g, dtype=F64)
 
 
 def _target(clients, p, s, proj_b, proj_a):
@@ -232,10 +233,11 @@ def _train(state, algo, seed: int, samples=SAMPLES) -> list[ClientResult]:
 def _merged(model: nn.Module, weights: dict) -> dict[str, torch.Tensor]:
     """Each layer's merged weight (the layer's own get_delta_weight), in the base layout."""
     model.load_state_dict(weights, strict=False)
-    return {
-        layer.name: (model.get_submodule(layer.name).get_base_weight() + model.get_submodule(layer.name).get_delta_weight("default")).detach().clone()
-        for layer in sorf_vera_layers(model)
-    }
+    out = {}
+    for layer in sorf_vera_layers(model):
+        module = model.get_submodule(layer.name)
+        out[layer.name] = (module.get_base_weight() + module.get_delta_weight("default")).detach().clone()
+    return out
 
 
 @pytest.mark.parametrize("train_b", [False, True])

@@ -169,7 +169,9 @@ def rotation(angles: torch.Tensor, r: int) -> torch.Tensor:
     return y
 
 
-def _tree_product(cos: torch.Tensor, sin: torch.Tensor, pairs: list[tuple[int, int]], eye: torch.Tensor) -> torch.Tensor:
+def _tree_product(
+    cos: torch.Tensor, sin: torch.Tensor, pairs: list[tuple[int, int]], eye: torch.Tensor
+) -> torch.Tensor:
     """R_0 R_1 ... R_{k-1} for the given planes, by pairwise batched products (order kept)."""
     k = len(pairs)
     dev = eye.device
@@ -358,7 +360,8 @@ class SORFVeRA(Algorithm):
         check_weighting(self.rule, weighting)
         if refit not in REFITS:
             raise FedMoEError(
-                f"{self.rule}: federation.algorithm.init_args.refit={refit!r} is unknown; use one of {', '.join(REFITS)}"
+                f"{self.rule}: federation.algorithm.init_args.refit={refit!r} is unknown; "
+                f"use one of {', '.join(REFITS)}"
             )
         self.weighting = weighting
         self.refit = refit
@@ -423,7 +426,8 @@ class SORFVeRA(Algorithm):
                 SORFParams(*(r.weights.get(k, g[k]) for k in _param_keys(layer))) for r in results
             ]
             agg = aggregate_sorf_vera(clients, p, layer.sorf, layer.proj_b, layer.proj_a, self.refit)
-            for k, v in zip(_param_keys(layer), (agg.params.b_real, agg.params.b_imag, agg.params.scale, agg.params.angles)):
+            q = agg.params
+            for k, v in zip(_param_keys(layer), (q.b_real, q.b_imag, q.scale, q.angles)):
                 new[k] = v.to(g[k].dtype).reshape(g[k].shape)
             errors.append(agg.refit_error)
             if agg.residual is not None and bool(agg.residual.abs().max() > 0):

@@ -56,7 +56,9 @@ WEIGHTINGS = ("samples", "uniform")
 # -- pure functions over tensors ---------------------------------------------------------------
 
 
-def vera_delta(lambda_b: torch.Tensor, lambda_d: torch.Tensor, proj_a: torch.Tensor, proj_b: torch.Tensor) -> torch.Tensor:
+def vera_delta(
+    lambda_b: torch.Tensor, lambda_d: torch.Tensor, proj_a: torch.Tensor, proj_b: torch.Tensor
+) -> torch.Tensor:
     """diag(lambda_b) B_s diag(lambda_d) A_s (d_out x d_in), as PEFT's ``vera.Linear.get_delta_weight``."""
     return (lambda_b.unsqueeze(-1) * proj_b) @ (lambda_d.unsqueeze(-1) * proj_a)
 
@@ -118,7 +120,8 @@ def client_weights(results: Sequence[ClientResult], weighting: str) -> torch.Ten
 def check_weighting(rule: str, weighting: str) -> None:
     if weighting not in WEIGHTINGS:
         raise FedMoEError(
-            f"{rule}: federation.algorithm.init_args.weighting={weighting!r} is unknown; use one of {', '.join(WEIGHTINGS)}"
+            f"{rule}: federation.algorithm.init_args.weighting={weighting!r} is unknown; "
+            f"use one of {', '.join(WEIGHTINGS)}"
         )
 
 
