@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from fedmoe.algorithms.base import Algorithm, ClientResult, StateDict
 from fedmoe.algorithms.fedavg import FedAvg
 from fedmoe.algorithms.fusion import all_finite, num_bytes
 from fedmoe.data.federated import FederatedDataModule
-from fedmoe.errors import CheckpointError, DataError, RoundError
+from fedmoe.errors import CheckpointError, ConfigError, DataError, RoundError
 from fedmoe.executors.base import ClientFailure, ClientTask, Executor
 from fedmoe.executors.sequential import Sequential
 from fedmoe.federation import checkpoint as ckpt_io
@@ -123,6 +124,12 @@ class FederatedLoop:
         self.best: dict[str, Any] = {}
         self.state: dict[str, Any] | None = None
         self.round = 0
+        self.elapsed = 0.0
+        """Seconds spent in rounds over all sessions of the run (up to the last checkpoint, then this one)."""
+        self.sessions: list[dict[str, Any]] = []
+        """One record per ``fit`` call that ran rounds: start time, rounds, seconds, resumed-from."""
+        self.saved_round: int | None = None
+        self.loaded_round: int | None = None
         self._ready = False
 
     @property
@@ -164,13 +171,21 @@ class FederatedLoop:
             "rng": ckpt_io.capture_rng(),
             "config": self.config,
             "fingerprint": ckpt_io.fingerprint(self.config),
+            "elapsed": self.elapsed,
+            "sessions": self.sessions,
         }
 
-    def load(self, path: str | Path, check_config: bool = True) -> None:
-        """Restore a checkpoint; refuse one whose math-defining config differs."""
+    def load(self, path: str | Path, check_config: bool = True, compare=None) -> None:
+        """Restore a checkpoint; refuse one whose math-defining config differs.
+
+        ``compare`` (flat config -> the values that must match) narrows the check, e.g. to what
+        changes the model and the evaluation data when only evaluating.
+        """
         ckpt = ckpt_io.load_checkpoint(path)
-        if check_config and ckpt["fingerprint"] != ckpt_io.fingerprint(self.config):
-            keys = ckpt_io.diff_keys(ckpt["config"], self.config)
+        pick = compare or (lambda flat: flat)
+        saved, current = pick(ckpt["config"]), pick(self.config)
+        if check_config and saved != current:
+            keys = ckpt_io.diff_keys(saved, current)
             shown = ", ".join(f"{k} ({ckpt['config'].get(k, '<unset>')!r} -> {self.config.get(k, '<unset>')!r})" for k in keys[:6])
             more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
             raise CheckpointError(
@@ -183,44 +198,98 @@ class FederatedLoop:
         self.history = ckpt["history"]
         self.best = ckpt["best"]
         self._rng = ckpt["rng"]
+        self.loaded_round = self.round
+        self.sessions = list(ckpt.get("sessions", []))
+        self.elapsed = ckpt.get("elapsed", sum(row.get("time/round_s", 0.0) + row.get("time/eval_s", 0.0)
+                                                for row in self.history))
 
     def save(self) -> None:
         ckpt_io.save_checkpoint(self.ckpt_path, self.state_dict())
 
     # -- running --------------------------------------------------------------------------------
 
-    def fit(self, ckpt_path: str | Path | None = None) -> dict[str, Any]:
-        """Run rounds up to ``federation.rounds``, resuming from ``ckpt_path`` if given."""
+    def fit(self, ckpt_path: str | Path | None = None, config_yaml: str | None = None) -> dict[str, Any]:
+        """Run rounds up to ``federation.rounds``, resuming from ``ckpt_path`` if given.
+
+        Nothing is written before the first round of this call completes, so a run that fails or is
+        interrupted earlier leaves its folder as it was; then leftovers of interrupted atomic writes
+        are removed and ``config_yaml`` (the resolved config) is saved as ``config.yaml``, headed by
+        comments listing the run's sessions. A checkpoint with more rounds than ``federation.rounds``
+        is refused; one with exactly as many changes nothing (the summary has ``new_rounds: 0``).
+        ``seconds`` in the summary is the time spent in rounds over all sessions.
+        """
         self.setup()
         self._rng = None
         if ckpt_path is not None:
             self.load(ckpt_path)
+            if self.round > self.fed.rounds:
+                raise ConfigError(
+                    f"federation.rounds={self.fed.rounds} but {ckpt_path} has already done {self.round} rounds: "
+                    f"nothing was run or changed; to extend the run set --federation.rounds above {self.round}"
+                )
+            if self.round == self.fed.rounds:
+                return {**self.summary(self.elapsed), "sessions": self.sessions, "new_rounds": 0}
             ckpt_io.restore_rng(self._rng)
             log.info("resumed from %s at round %d", ckpt_path, self.round)
         else:
             self.state = self.algo.init_server(self.template, self.ctx)
-        recorder = RoundRecorder(self.run_dir, self.round, self.history)
-        start = time.perf_counter()
+        session = {
+            "started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "resumed_from": None if ckpt_path is None else str(ckpt_path),
+            "first_round": self.round + 1,
+            "last_round": self.round,
+            "target_rounds": self.fed.rounds,
+            "seconds": 0.0,
+        }
+        self.sessions.append(session)
+        recorder = RoundRecorder(self.run_dir, self.round, self.history, tensorboard=self.settings.logger,
+                                 every=self.settings.log_every_n_steps, last_round=self.fed.rounds)
         bar = tqdm(
             total=self.fed.rounds, initial=min(self.round, self.fed.rounds), desc="rounds", unit="round",
-            disable=not self.fed.progress, dynamic_ncols=True,
+            disable=not (self.fed.progress and self.settings.enable_progress_bar), dynamic_ncols=True,
         )
+        tick = time.perf_counter()
         try:
             while self.round < self.fed.rounds:
                 row, images = self.run_round(self.round + 1)
                 self.round += 1
+                if self.round == session["first_round"]:
+                    ckpt_io.remove_stale_temp_files(self.run_dir, self.ckpt_path.parent)
+                    if config_yaml is not None:
+                        ckpt_io.atomic_write_text(self.run_dir / "config.yaml", self._sessions_header() + config_yaml)
                 recorder.log(self.round, row, images)
                 self.history = recorder.history
+                now = time.perf_counter()
+                self.elapsed += now - tick
+                session["seconds"] += now - tick
+                session["last_round"] = self.round
+                tick = now
                 if self.round % self.fed.checkpoint_every == 0 or self.round == self.fed.rounds:
                     self.save()
+                    self.saved_round = self.round
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4f}" for k in ("server/test_acc", "clients/acc_mean") if _finite(row.get(k))})
         finally:
             bar.close()
             recorder.close()
-        summary = self.summary(time.perf_counter() - start)
+        summary = {**self.summary(self.elapsed), "sessions": self.sessions,
+                   "new_rounds": self.round - session["first_round"] + 1}
         ckpt_io.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         return summary
+
+    def _sessions_header(self) -> str:
+        """Comment lines for config.yaml: how to rerun or evaluate it, and the run's sessions."""
+        lines = [
+            "# The resolved config of this run. Rerun it in a new folder:",
+            "#   python -m fedmoe.cli fit --config <this file> --trainer.default_root_dir <new folder>",
+            "# evaluate it: python -m fedmoe.cli test --config <this file> --ckpt_path last",
+            "# sessions:",
+        ]
+        for i, ses in enumerate(self.sessions, 1):
+            how = "new run" if ses["resumed_from"] is None else f"resumed from {ses['resumed_from']}"
+            done = f"from round {ses['first_round']}" if i == len(self.sessions) else f"rounds {ses['first_round']}..{ses['last_round']} saved"
+            lines.append(f"#   {i}. {ses['started']} {how}, federation.rounds {ses['target_rounds']}: {done}")
+        return "\n".join(lines) + "\n"
 
     def run_round(self, r: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """One round; returns its logged scalars and images."""

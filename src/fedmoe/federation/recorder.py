@@ -15,27 +15,54 @@ from fedmoe.federation.checkpoint import atomic_write_text
 class RoundRecorder:
     """Writes a run's TensorBoard events and ``metrics.csv`` into ``run_dir``.
 
+    Nothing is created before the first :meth:`log` (a run that fails before its first round
+    leaves no event file behind).
+
     Args:
         run_dir: the run's folder (one TensorBoard run).
         start_round: rounds already done; on resume, TensorBoard events after it are purged.
         history: rows of earlier rounds (from a checkpoint), kept in ``metrics.csv``.
+        tensorboard: write TensorBoard events (``trainer.logger``); ``metrics.csv`` is always written.
+        every: write TensorBoard events every this many rounds (``trainer.log_every_n_steps``) and at
+            ``last_round``.
+        last_round: the run's last round.
     """
 
-    def __init__(self, run_dir: str | Path, start_round: int = 0, history: list[dict[str, Any]] | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(
+        self,
+        run_dir: str | Path,
+        start_round: int = 0,
+        history: list[dict[str, Any]] | None = None,
+        tensorboard: bool = True,
+        every: int = 1,
+        last_round: int | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(self.run_dir), purge_step=start_round + 1 if start_round else None)
+        self.start_round = start_round
+        self.tensorboard = tensorboard
+        self.every = max(1, int(every))
+        self.last_round = last_round
+        self.writer = None
         self.history: list[dict[str, Any]] = list(history or [])
 
+    def _writer(self):
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            purge = self.start_round + 1 if self.start_round else None
+            self.writer = SummaryWriter(str(self.run_dir), purge_step=purge)
+        return self.writer
+
     def log(self, round_idx: int, scalars: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
-        for key, value in scalars.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer.add_scalar(key, value, round_idx)
-        for key, matrix in (images or {}).items():
-            self.writer.add_figure(key, _heatmap(matrix, key), round_idx, close=True)
-        self.writer.flush()
+        if self.tensorboard and (round_idx % self.every == 0 or round_idx == self.last_round):
+            writer = self._writer()
+            for key, value in scalars.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    writer.add_scalar(key, value, round_idx)
+            for key, matrix in (images or {}).items():
+                writer.add_figure(key, _heatmap(matrix, key), round_idx, close=True)
+            writer.flush()
         self.history.append({"round": round_idx, **scalars})
         self.write_csv()
 
@@ -47,7 +74,8 @@ class RoundRecorder:
         atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _heatmap(matrix: torch.Tensor, title: str):

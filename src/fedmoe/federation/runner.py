@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -19,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from torch import nn
+
+from fedmoe.errors import ConfigError
+from fedmoe.validation import check_choice, check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +38,74 @@ class FitOutput:
     optimizer_state: dict | None
 
 
+#: ``trainer:`` keys of Lightning's Trainer that have no effect in a federated run, with what to use
+#: instead. A config that sets one of them (to other than Lightning's default) is refused.
+NOT_IN_FEDERATED_RUNS: dict[str, str] = {
+    "strategy": "each client trains on one device; clients in parallel are federation.executor's job",
+    "num_nodes": "each client trains on one device; clients in parallel are federation.executor's job",
+    "callbacks": "local training drives the module's training_step with Fabric, without Trainer callbacks; "
+                 "put per-step logic in training_step",
+    "min_epochs": "use trainer.max_epochs (local epochs per round)",
+    "min_steps": "use trainer.max_steps",
+    "max_time": "bound local training with trainer.max_steps or max_epochs, and the run with federation.rounds",
+    "limit_val_batches": "the server sets are evaluated whole; evaluate less often with federation.eval_every",
+    "limit_test_batches": "the server sets are evaluated whole; evaluate less often with federation.eval_every",
+    "limit_predict_batches": "the server sets are evaluated whole; evaluate less often with federation.eval_every",
+    "overfit_batches": "use trainer.limit_train_batches",
+    "val_check_interval": "the server model is evaluated after rounds: use federation.eval_every",
+    "check_val_every_n_epoch": "the server model is evaluated after rounds: use federation.eval_every",
+    "num_sanity_val_steps": "there is no sanity check; trainer.fast_dev_run makes a one-round smoke run",
+    "enable_checkpointing": "checkpoints/last.ckpt is the run's record; save less often with federation.checkpoint_every",
+    "enable_model_summary": "no model summary is printed",
+    "inference_mode": "evaluation always runs without gradients",
+    "use_distributed_sampler": "local training uses the data module's loaders on one device",
+    "profiler": "wrap the run in torch.profiler, or see benchmarks/round_overhead.py",
+    "barebones": "use trainer.logger false and trainer.enable_progress_bar false",
+    "plugins": "use trainer.accelerator and trainer.precision",
+    "sync_batchnorm": "each client trains on one device",
+    "reload_dataloaders_every_n_epochs": "client loaders are built afresh for every local fit",
+    "enable_autolog_hparams": "the resolved config is saved as config.yaml in the run folder",
+    "model_registry": "checkpoints live in the run folder (trainer.default_root_dir)",
+    "weights_only": "fedmoe checkpoints are read in full",
+}
+
+#: Lightning's defaults of the keys above (a full Trainer config that leaves them alone is accepted).
+_LIGHTNING_DEFAULTS: dict[str, Any] = {
+    "strategy": "auto", "num_nodes": 1, "overfit_batches": 0.0, "check_val_every_n_epoch": 1,
+    "inference_mode": True, "use_distributed_sampler": True, "barebones": False, "sync_batchnorm": False,
+    "reload_dataloaders_every_n_epochs": 0, "enable_autolog_hparams": True,
+}
+#: Values of refused keys that describe what a federated run does anyway.
+_SAME_AS_FEDERATED: dict[str, tuple[Any, ...]] = {"enable_checkpointing": (True,), "enable_model_summary": (False,)}
+
+_PRECISIONS = ("16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true",
+               "16", "bf16", "32", "64", "transformer-engine", "transformer-engine-float16")
+
+
+def no_effect_message(key: str) -> str:
+    """One line saying that ``trainer.<key>`` has no effect in federated runs, and what to use instead."""
+    return f"trainer.{key} has no effect in federated runs: {NOT_IN_FEDERATED_RUNS[key]}"
+
+
+def _is_lightning_default(key: str, value: Any) -> bool:
+    return value == _LIGHTNING_DEFAULTS.get(key) or value is None or value in _SAME_AS_FEDERATED.get(key, ())
+
+
+def available_accelerators() -> list[str]:
+    """Accelerators local training can use on this machine."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append(f"cuda ({torch.cuda.device_count()} devices)")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
 @dataclass
 class RunnerSettings:
-    """The ``trainer:`` settings that local training honours."""
+    """The ``trainer:`` settings: what local training honours, and the run-level switches that
+    Lightning users expect from a Trainer (``fast_dev_run``, ``logger``, ``enable_progress_bar``,
+    ``log_every_n_steps``), read by the federated loop."""
 
     accelerator: str = "cpu"
     devices: Any = 1
@@ -47,27 +116,141 @@ class RunnerSettings:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str = "norm"
+    deterministic: bool | str | None = None
+    benchmark: bool | None = None
+    detect_anomaly: bool = False
+    fast_dev_run: int = 0
+    """> 0: a smoke run of one round whose local fits stop after this many batches; nothing is saved."""
+    logger: bool = True
+    """False: no TensorBoard events (metrics.csv and summary.json are still written)."""
+    enable_progress_bar: bool = True
+    log_every_n_steps: int = 1
+    """Write TensorBoard scalars every this many rounds (and at the last); metrics.csv has every round."""
 
     @classmethod
     def from_trainer_config(cls, cfg: dict[str, Any]) -> "RunnerSettings":
-        """Read the honoured keys of a Lightning ``Trainer`` config; ``None`` means the default."""
-        kw = {}
-        for name in cls.__dataclass_fields__:
-            value = cfg.get(name)
-            if value is not None:
-                kw[name] = value
-        if kw.get("accelerator") == "auto":
-            kw["accelerator"] = "cuda" if torch.cuda.is_available() else "cpu"
-        if kw.get("devices") == "auto":
-            kw["devices"] = 1
-        if kw.get("max_epochs", 1) < 0:
-            kw["max_epochs"] = 1
-        if cfg.get("strategy") not in (None, "auto") or (cfg.get("num_nodes") or 1) != 1:
-            log.warning(
-                "trainer.strategy=%r / num_nodes=%r are not used: clients train on one device each",
-                cfg.get("strategy"), cfg.get("num_nodes"),
+        """Settings from a ``trainer:`` config; ``None`` means the default.
+
+        A key of Lightning's Trainer that has no effect here, set to other than its default, is a
+        :class:`ConfigError` saying what to use instead; so is a value out of its range, an
+        accelerator this machine lacks, or more than one device.
+        """
+        honoured = set(cls.__dataclass_fields__) | {"default_root_dir"}
+        refused = [k for k, v in cfg.items() if k not in honoured and not _is_lightning_default(k, v)]
+        if refused:
+            unknown = [k for k in refused if k not in NOT_IN_FEDERATED_RUNS]
+            if unknown:
+                raise ConfigError(f"trainer.{unknown[0]} is not a trainer setting; see fit --help for the trainer: keys")
+            also = f" (also {', '.join('trainer.' + k for k in refused[1:])})" if len(refused) > 1 else ""
+            raise ConfigError(no_effect_message(refused[0]) + also)
+        kw: dict[str, Any] = {k: cfg[k] for k in cls.__dataclass_fields__ if cfg.get(k) is not None}
+        kw["accelerator"] = _accelerator(kw.get("accelerator", "cpu"))
+        kw["devices"] = _devices(kw.get("devices", 1), kw["accelerator"])
+        if "precision" in kw:
+            kw["precision"] = _precision(kw["precision"])
+        check_int("trainer.max_epochs", kw.get("max_epochs", 1), 1,
+                  hint="local epochs per round; bound local training by steps with trainer.max_steps")
+        steps = kw.get("max_steps", -1)
+        check_int("trainer.max_steps", steps, -1)
+        if steps == 0:
+            raise ConfigError("trainer.max_steps=0 would train nothing: use -1 (no limit) or a number >= 1")
+        limit = kw.get("limit_train_batches")
+        if isinstance(limit, float):
+            check_float("trainer.limit_train_batches", limit, 0.0, 1.0, low_open=True,
+                        hint="a fraction of each client's batches, or an integer count")
+        elif limit is not None:
+            check_int("trainer.limit_train_batches", limit, 1)
+        check_int("trainer.accumulate_grad_batches", kw.get("accumulate_grad_batches", 1), 1)
+        if kw.get("gradient_clip_val") is not None:
+            check_float("trainer.gradient_clip_val", kw["gradient_clip_val"], 0.0)
+        check_choice("trainer.gradient_clip_algorithm", kw.get("gradient_clip_algorithm", "norm"), ("norm", "value"))
+        check_choice("trainer.deterministic", kw.get("deterministic"), (None, True, False, "warn"))
+        fast = kw.get("fast_dev_run", 0)
+        if isinstance(fast, bool):
+            fast = kw["fast_dev_run"] = int(fast)
+        check_int("trainer.fast_dev_run", fast, 0, hint="true, false, or the batches per local fit of a smoke run")
+        if fast:
+            kw.update(max_epochs=1, limit_train_batches=fast)
+        if cfg.get("logger") not in (None, True, False):
+            raise ConfigError(
+                f"trainer.logger={cfg['logger']!r} is not supported: the run writes TensorBoard events and "
+                "metrics.csv itself; use true (default) or false (no TensorBoard events)"
             )
+        check_int("trainer.log_every_n_steps", kw.get("log_every_n_steps", 1), 1, hint="rounds between TensorBoard writes")
         return cls(**kw)
+
+    def apply_torch_flags(self) -> None:
+        """Process-wide torch switches of ``deterministic``, ``benchmark`` and ``detect_anomaly``, as
+        Lightning's Trainer sets them."""
+        if self.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=self.deterministic == "warn")
+        elif self.deterministic is False:
+            torch.use_deterministic_algorithms(False)
+        if self.benchmark is not None:
+            torch.backends.cudnn.benchmark = self.benchmark
+        elif self.deterministic:
+            torch.backends.cudnn.benchmark = False
+        if self.detect_anomaly:
+            torch.autograd.set_detect_anomaly(True)
+
+
+def _accelerator(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"trainer.accelerator={value!r} is not supported: use cpu, gpu (cuda), mps or auto")
+    name = value.lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"trainer.accelerator={value} but this machine has no CUDA GPU; available: "
+                f"{', '.join(available_accelerators())} (use --trainer.accelerator cpu or auto)"
+            )
+        return "cuda"
+    if name == "mps":
+        if "mps" not in available_accelerators():
+            raise ConfigError(f"trainer.accelerator=mps is not available here; available: {', '.join(available_accelerators())}")
+        return "mps"
+    if name == "cpu":
+        return "cpu"
+    raise ConfigError(
+        f"trainer.accelerator={value!r} is not supported by local training; use cpu, gpu (cuda), mps or auto "
+        f"(available here: {', '.join(available_accelerators())})"
+    )
+
+
+_MULTI_DEVICE = (
+    "local training runs each client on one device (multi-device training of one client is not "
+    "supported); use trainer.devices 1, or [k] to pick device k"
+)
+
+
+def _devices(value: Any, accelerator: str) -> Any:
+    """1, or a one-element list/"k," naming the device; anything meaning several devices is refused."""
+    if value in ("auto", 1, "1"):
+        return 1
+    index = None
+    if isinstance(value, (list, tuple)) and len(value) == 1 and isinstance(value[0], int):
+        index = value[0]
+    elif isinstance(value, str) and value.strip().endswith(",") and value.strip()[:-1].strip().isdigit():
+        index = int(value.strip()[:-1])
+    if index is None:
+        raise ConfigError(f"trainer.devices={value!r}: {_MULTI_DEVICE}")
+    if accelerator == "cpu":
+        if index != 0:
+            raise ConfigError(f"trainer.devices={value!r}: the CPU is one device; use trainer.devices 1")
+        return 1
+    count = torch.cuda.device_count() if accelerator == "cuda" else 1
+    if not 0 <= index < count:
+        raise ConfigError(f"trainer.devices={value!r}: no {accelerator} device {index} (this machine has {count})")
+    return [index]
+
+
+def _precision(value: Any) -> Any:
+    if str(value) not in _PRECISIONS:
+        raise ConfigError(f"trainer.precision={value!r} is not a precision: use one of {', '.join(_PRECISIONS[:6])}")
+    return value
 
 
 class LocalRunner:
@@ -76,6 +259,7 @@ class LocalRunner:
     def __init__(self, settings: RunnerSettings | None = None) -> None:
         self.settings = settings or RunnerSettings()
         s = self.settings
+        s.apply_torch_flags()
         self.fabric = Fabric(accelerator=s.accelerator, devices=s.devices, precision=s.precision)
 
     @property
