@@ -122,7 +122,7 @@ def test_from_pretrained_loads_the_saved_weights(tmp_path):
 
 
 def test_from_pretrained_with_a_missing_folder_is_a_one_line_error(tmp_path):
-    with pytest.raises(DataError, match=r"model folder .*nowhere does not exist") as err:
+    with pytest.raises(DataError, match=r"model folder .*nowhere'? does not exist") as err:
         HFSequenceClassifier(2, pretrained=str(tmp_path / "nowhere"))
     assert "\n" not in str(err.value)
 
@@ -212,3 +212,8 @@ def test_tokenizer_from_a_folder_is_checked(tmp_path):
         check_tokenizer(_net("bert"), tmp_path)
     with pytest.raises(DataError, match="tokenizer folder .* does not exist"):
         check_tokenizer(_net("bert"), tmp_path / "missing")
+
+
+def test_pretrained_from_a_package_that_is_not_installed_is_a_one_line_error():
+    with pytest.raises(DataError, match="package 'no_such_models_pkg' is not installed"):
+        HFSequenceClassifier(2, pretrained="package:no_such_models_pkg")

