@@ -485,3 +485,12 @@ def test_client_sizes_beyond_the_pool_or_not_one_per_client(make):
         make("sst2", client_sizes=[10, 10, 10])
     with error(r"every client size >= 1"):
         make("sst2", partition="sizes", client_sizes=[10, 0, 10])
+
+
+def test_bad_lengths_sample_limits_and_partition_names(make):
+    with error(r"max_length must be >= 1, got 0"):
+        make("sst2", max_length=0)
+    with error(r"max_train_samples must be >= 1 \(or null for all samples\), got 0"):
+        make("sst2", max_train_samples=0)
+    with error(r"unknown partition 'pathological'; choose iid, dirichlet or sizes"):
+        make("sst2", partition="pathological")
