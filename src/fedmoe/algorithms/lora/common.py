@@ -12,7 +12,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from fedmoe.algorithms.lora.layout import LoRALayer, to_base_layout
+from fedmoe.algorithms.lora.layout import LoRALayer
 from fedmoe.errors import FedMoEError
 
 StateDict = dict[str, torch.Tensor]
@@ -128,14 +128,15 @@ def residual_factors(
 def fold(
     base: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scale: float, fan_in_fan_out: bool, inplace: bool = False
 ) -> torch.Tensor:
-    """base + to_base_layout(scale * U V, fan_in_fan_out), in one matmul, in the base's dtype.
+    """base + to_base_layout(scale * U V, fan_in_fan_out), in one matmul, in the base's dtype
+    (for ``fan_in_fan_out``, (U V)^T is computed as V^T U^T: no transposed copy).
 
     ``inplace`` adds into ``base`` itself (no copy of the base weight).
     """
     if u.shape[1] == 0:
         return base if inplace else base.clone()
     left, right = (v.T, u.T) if fan_in_fan_out else (u, v)
-    if to_base_layout(torch.empty(u.shape[0], v.shape[1], device="meta"), fan_in_fan_out).shape != base.shape:
+    if (left.shape[0], right.shape[1]) != tuple(base.shape):
         raise FedMoEError(
             f"a residual of shape {(u.shape[0], v.shape[1])} does not fit base weight {tuple(base.shape)} "
             f"(fan_in_fan_out={fan_in_fan_out}): the layer record's fan_in_fan_out is wrong"

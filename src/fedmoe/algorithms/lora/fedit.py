@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from fedmoe.algorithms.base import ClientResult, ServerContext, ServerState
-from fedmoe.algorithms.lora.common import StateDict, adapter_keys, check_uploads, mean_of_keys, normalise
+from fedmoe.algorithms.lora.common import StateDict, check_uploads, mean_of_keys, normalise
 from fedmoe.algorithms.lora.layout import LoRALayer
 from fedmoe.algorithms.lora.rules import LoRARule, register_rule
 
@@ -38,7 +38,7 @@ def fedit_aggregate(
     p = normalise(weights)
     keys = mean_keys(global_state, layers)
     check_uploads(client_states, keys, rule, client_ids)
-    check_uploads([global_state, client_states[0]], adapter_keys(layers), rule, ["the server", (client_ids or [0])[0]])
+    check_uploads([global_state, client_states[0]], keys, rule, ["the server", (client_ids or [0])[0]])
     new = dict(global_state)
     new.update(mean_of_keys(client_states, p, keys))
     return new, {}
