@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The federated LoRA comparison of docs/results.md at CPU scale: every rule (and centralized LoRA) on
+# the SST-2 sample with the pretrained MiniLM, IID and Dirichlet(0.5) over 3 clients, plus a rank
+# sweep of FedEx-LoRA; two runs at a time with one torch thread each (2 cores). A finished run is
+# skipped and an interrupted one resumed, so the script can be run again.
+#   bash experiments/glue/cpu_runs.sh [GLUE_DIR] [OUT]       # defaults: ../shared/data/glue runs/glue_cpu
+set -uo pipefail
+GLUE=${1:-../shared/data/glue}
+OUT=${2:-runs/glue_cpu}
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+COMMON=(--config experiments/glue/minilm_cpu.yaml --data.init_args.data_dir "$GLUE"
+        --data.init_args.max_train_samples 1200 --data.init_args.max_eval_samples 500 --federation.progress false)
+
+run() {  # run DIR ARGS...: one fit into DIR (skipped when finished, resumed when interrupted)
+  local dir=$1; shift
+  [[ -f $dir/summary.json ]] && return 0
+  mkdir -p "$(dirname "$dir")"
+  local resume=()
+  [[ -f $dir/checkpoints/last.ckpt ]] && resume=(--ckpt_path last)
+  echo "start $dir"
+  python -m fedmoe.cli fit "$@" "${COMMON[@]}" --trainer.default_root_dir "$dir" "${resume[@]}" > "$dir.log" 2>&1 \
+    && echo "done  $dir" || echo "FAILED $dir (see $dir.log)"
+}
+
+throttle() { while (( $(jobs -rp | wc -l) >= 2 )); do wait -n; done; }
+
+for split in iid dirichlet; do
+  for rule in fedit fedex ffa fedsa flora hetlora fedex_vera sorf_vera centralized; do
+    [[ $rule == centralized && $split == dirichlet ]] && continue
+    throttle
+    run "$OUT/sst2_$split/$rule" --config "experiments/glue/$rule.yaml" --data.init_args.partition "$split" &
+  done
+done
+for r in 16 64; do
+  throttle
+  run "$OUT/sst2_iid/fedex_r$r" --config experiments/glue/fedex.yaml \
+    --model.network_kwargs.adapter "{type: lora, r: $r, alpha: $((2 * r)), dropout: 0.1, target_modules: [query, value]}" &
+done
+wait
