@@ -27,6 +27,7 @@ free and the resident size follows torch's allocations (it would distort timings
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -101,6 +102,7 @@ def _status(field: str) -> int:
 
 def measure(fn: Callable[[], object]) -> tuple[float, int]:
     """(seconds, peak resident bytes above the resident size before the call)."""
+    gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status("VmRSS")

@@ -118,11 +118,11 @@ def residual_factors(
     dt = acc_dtype(bs[0])
     if len(bs) == 1:
         return bs[0].new_zeros((bs[0].shape[0], 0), dtype=dt), as_[0].new_zeros((0, as_[0].shape[1]), dtype=dt)
-    last = bs[-1].to(dt)
-    a_bar = a_bar.to(dt)
-    u = torch.cat([(b.to(dt) - last) * w for b, w in zip(bs[:-1], p[:-1])], dim=1)
-    v = torch.cat([a.to(dt) - a_bar for a in as_[:-1]], dim=0)
-    return u, v
+    m1, (d_out, r), d_in = len(bs) - 1, bs[0].shape, as_[0].shape[1]
+    w = torch.tensor(p[:-1], dtype=dt, device=bs[0].device).view(m1, 1, 1)
+    u = (torch.stack(bs[:-1]).to(dt) - bs[-1].to(dt)).mul_(w)  # m-1 x d_out x r
+    v = torch.stack(as_[:-1]).to(dt) - a_bar.to(dt)  # m-1 x r x d_in
+    return u.permute(1, 0, 2).reshape(d_out, m1 * r), v.reshape(m1 * r, d_in)
 
 
 def fold(
