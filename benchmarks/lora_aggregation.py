@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
-
-import json
-import subprocess
 
 import torch
 
