@@ -33,6 +33,12 @@ so the aggregated effective weight equals sum_i p_i (W + delta W_i) exactly. The
 S M A_s with M d_out x r; when b is not trained (the reference setting) M = Gamma(b) B_s dLambda and a
 client that holds S, b, B_s and A_s rebuilds it from the r x r matrix dLambda.
 ``refit="reference"`` reproduces the reference's lossy refit for comparison.
+
+Measured (float64; d_out = d_in in {64, 768}, r in {4, 8, 16}, clients' scale 0.1 +- 0.05 and angles
+N(0, 0.01..0.3), b frozen or trained): the reference refit leaves a relative error of 0.83-0.98 of
+the averaged delta W, for one client as for three; ours leaves 0 (1e-15) after folding, and the part
+it folds (the mean Lambda's distance to a scaled rotation) is 0 for one client and 1e-4-0.27 of the
+update for three, growing with the spread of the clients' angles and with r.
 """
 
 from __future__ import annotations
