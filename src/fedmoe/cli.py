@@ -311,10 +311,13 @@ def _build_cli_class(args: list[str]):
             if ckpt_path == "last":
                 if last.is_file():
                     return last
-                raise CheckpointError(
-                    f"--ckpt_path last: {last} does not exist (no run in trainer.default_root_dir={self._run_dir()}); "
-                    + ("run fit first" if required else "leave out --ckpt_path to start a new run")
-                )
+                if required:
+                    raise CheckpointError(
+                        f"--ckpt_path last: {last} does not exist (no run in trainer.default_root_dir="
+                        f"{self._run_dir()}); run fit first, or give the checkpoint file"
+                    )
+                log.warning("--ckpt_path last: %s does not exist yet; starting a new run", last)
+                return None
             path = Path(ckpt_path)
             if ckpt_path in ("best", "hpc", "registry") and not path.exists():
                 raise CheckpointError(f"--ckpt_path {ckpt_path} is not available here: use {RESUME_CHOICES}")

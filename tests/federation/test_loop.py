@@ -11,7 +11,7 @@ from fedmoe.algorithms.fedmoe import FedMoE
 from fedmoe.algorithms.fusion import num_bytes
 from fedmoe.data.digits import DigitsDataModule
 from fedmoe.data.federated import ArrayDataset
-from fedmoe.errors import RoundError
+from fedmoe.errors import ConfigError, RoundError
 from fedmoe.federation.loop import FederatedLoop, Federation
 from fedmoe.federation.runner import RunnerSettings
 from fedmoe.models.classifier import Classifier
@@ -142,3 +142,42 @@ def test_evaluating_more_or_less_often_does_not_change_training(tmp_path):
     rarely.fit()
     for key, value in every.state["global"].items():
         assert torch.equal(value, rarely.state["global"][key]), key
+
+
+def test_run_failing_in_its_first_round_leaves_no_run_folder(tmp_path):
+    loop = _loop(tmp_path, dm=FaultyDigits(num_clients=6), rounds=2, clients_per_round=6, min_clients=5)
+    with pytest.raises(RoundError):
+        loop.fit(config_yaml="k: 1\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_fewer_rounds_is_refused_before_any_write(tmp_path):
+    _loop(tmp_path, rounds=2, clients_per_round=2).fit()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    short = _loop(tmp_path, rounds=1, clients_per_round=2)
+    with pytest.raises(ConfigError, match=r"federation.rounds=1 but .* has already done 2 rounds"):
+        short.fit(ckpt_path=short.ckpt_path)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_logger_false_writes_no_events_but_the_metrics(tmp_path):
+    loop = _loop(tmp_path, rounds=1, clients_per_round=2)
+    loop.settings = RunnerSettings(max_epochs=1, logger=False)
+    loop.fit()
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"metrics.csv", "summary.json", "checkpoints"} <= names
+    assert not [n for n in names if n.startswith("events.out.tfevents")]
+
+
+def test_tensorboard_every_n_rounds_and_the_last_while_metrics_keep_every_round(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedmoe.federation.recorder import RoundRecorder
+
+    rec = RoundRecorder(tmp_path, every=2, last_round=5)
+    for r in range(1, 6):
+        rec.log(r, {"x": float(r)})
+    rec.close()
+    steps = [e.step for e in EventAccumulator(str(tmp_path)).Reload().Scalars("x")]
+    assert steps == [2, 4, 5]
+    assert len((tmp_path / "metrics.csv").read_text().strip().splitlines()) == 6

@@ -1,8 +1,10 @@
+import pytest
 import torch
 from torch import nn
 
 from fedmoe.algorithms.fedprox import ProximalTerm
 from fedmoe.data.federated import ArrayDataset, batch_collate
+from fedmoe.errors import ConfigError
 from fedmoe.federation.runner import LocalRunner, RunnerSettings
 from fedmoe.models.classifier import Classifier
 from torch.utils.data import DataLoader
@@ -75,3 +77,48 @@ def test_evaluate_matches_a_hand_computation():
     logits = torch.stack([x[:, 0], -x[:, 0]], 1)
     assert abs(out["acc"] - 0.5) < 1e-9
     assert abs(out["loss"] - torch.nn.functional.cross_entropy(logits, y).item()) < 1e-6
+
+
+def test_trainer_keys_without_effect_are_refused_saying_what_to_use():
+    with pytest.raises(ConfigError, match=r"trainer.callbacks has no effect in federated runs: .*training_step"):
+        RunnerSettings.from_trainer_config({"callbacks": ["x"], "max_epochs": 2})
+    with pytest.raises(ConfigError, match=r"trainer.val_check_interval .*federation.eval_every \(also trainer.profiler\)"):
+        RunnerSettings.from_trainer_config({"val_check_interval": 0.5, "profiler": "simple"})
+    lightning_defaults = {"strategy": "auto", "num_nodes": 1, "inference_mode": True, "callbacks": None,
+                          "enable_checkpointing": True, "enable_model_summary": False, "max_epochs": 3}
+    assert RunnerSettings.from_trainer_config(lightning_defaults).max_epochs == 3
+
+
+def test_fast_dev_run_stops_each_local_fit_after_that_many_batches():
+    s = RunnerSettings.from_trainer_config({"fast_dev_run": True, "max_epochs": 5})
+    assert (s.fast_dev_run, s.limit_train_batches, s.max_epochs) == (1, 1, 1)
+    out = LocalRunner(RunnerSettings.from_trainer_config({"fast_dev_run": 3})).fit(_module(), _loader(_separable()))
+    assert out.steps == 3
+
+
+def test_deterministic_is_applied_to_torch():
+    try:
+        LocalRunner(RunnerSettings.from_trainer_config({"deterministic": True}))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"max_epochs": 0}, r"trainer.max_epochs=0 is out of range"),
+        ({"max_epochs": -1}, r"trainer.max_epochs=-1 .*trainer.max_steps"),
+        ({"accumulate_grad_batches": 0}, r"trainer.accumulate_grad_batches=0"),
+        ({"gradient_clip_val": float("nan")}, r"trainer.gradient_clip_val=nan"),
+        ({"devices": 2}, r"trainer.devices=2: .*one device"),
+        ({"devices": [0, 1]}, r"one device"),
+        ({"accelerator": "tpu"}, r"trainer.accelerator='tpu' is not supported"),
+        ({"precision": "8-bit"}, r"trainer.precision='8-bit'"),
+        ({"logger": "tensorboard"}, r"trainer.logger='tensorboard' is not supported"),
+        ({"log_every_n_steps": 0}, r"trainer.log_every_n_steps=0"),
+    ],
+)
+def test_out_of_range_trainer_values_name_the_key(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        RunnerSettings.from_trainer_config(cfg)

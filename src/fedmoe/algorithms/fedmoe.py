@@ -100,6 +100,15 @@ class FedMoE(Algorithm):
 
     personalised = True
     sync_transmits = True
+    #: Options that change training only, not the server model's structure or forward pass (so that
+    #: evaluating a checkpoint does not require them to match).
+    training_options = (
+        "lam", "iterations", "alpha_init", "w_ent", "w_aux", "label_smoothing", "load", "entropy_mode",
+        "confidence", "relevance_gate", "relevance_norm", "relevance_temperature", "expert_update",
+        "main_update", "main_epochs", "main_lr", "server_epochs", "server_schedule", "train_experts_on_server",
+        "gate_lr", "alpha_lr", "server_weight_decay", "server_eps", "stage_c", "client_update", "common_init",
+        "keep_best_iteration",
+    )
 
     def __init__(
         self,

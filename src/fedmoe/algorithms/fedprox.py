@@ -36,6 +36,9 @@ class FedProx(FedAvg):
         mu: weight of the proximal term (0 recovers FedAvg).
     """
 
+    #: Options that change training only (evaluating a checkpoint does not require them to match).
+    training_options = ("mu",)
+
     def __init__(self, mu: float = 0.01) -> None:
         check_float("federation.algorithm.mu", mu, 0.0)
         self.mu = mu
