@@ -46,8 +46,12 @@ def _round(algo, state, ctx, net, x, seed):
 
 
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-@pytest.mark.parametrize("make", [FedExLoRA, FFALoRA, lambda: FLoRA(seed=1), lambda: FLoRA(client_ranks=[1, 3, 2])],
-                         ids=["fedex", "ffa", "flora", "flora-mixed-ranks"])
+@pytest.mark.parametrize(
+    "make",
+    [FedExLoRA, lambda: FedExLoRA(in_place=True), FFALoRA, lambda: FLoRA(seed=1),
+     lambda: FLoRA(client_ranks=[1, 3, 2], in_place=True)],
+    ids=["fedex", "fedex-in-place", "ffa", "flora", "flora-mixed-ranks-in-place"],
+)
 def test_exact_rules_over_two_rounds_through_the_protocol(kit, make, conv1d):
     net = _model(conv1d)
     layers = kit.peft_layers(net)

@@ -17,7 +17,7 @@ received the base, as factors of their summed rank or dense d_out x d_in, whiche
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
@@ -72,9 +72,16 @@ class FedExLoRA(LoRARule):
 
     Args:
         weighting: ``samples`` (p_i = n_i / sum n) or ``uniform``.
+        in_place: fold the residual into the server state's base tensors instead of new ones: no
+            second copy of the adapted base weights during aggregation, but the state passed to
+            :meth:`aggregate` changes (the engine discards it).
     """
 
     folds_into_base = True
+
+    def __init__(self, weighting: Literal["samples", "uniform"] = "samples", in_place: bool = False) -> None:
+        super().__init__(weighting)
+        self.in_place = bool(in_place)
 
     def init_server(self, template: StateDict, ctx: ServerContext) -> ServerState:
         state = super().init_server(template, ctx)
@@ -98,7 +105,7 @@ class FedExLoRA(LoRARule):
         ids = [r.client_id for r in results]
         new, info = fedex_aggregate(
             state["global"], [r.weights for r in results], self.client_weights(results), self.layers(state), ids,
-            rule=self.rule_name,
+            inplace=self.in_place, rule=self.rule_name,
         )
         history = BaseHistory.advance(state["history"], info["rank"], ids)
         return {**state, "global": new, "round": state["round"] + 1, "history": history, "info": info}

@@ -49,13 +49,15 @@ def flora_aggregate(
     layers: Sequence[LoRALayer],
     client_ids: Sequence[int] | None = None,
     scalings: Sequence[Mapping[str, float]] | None = None,
+    inplace: bool = False,
     rule: str = "flora",
 ) -> tuple[StateDict, dict[str, Any]]:
     """(new global state, info): sum_i p_i s_i B_i A_i merged into each adapted base weight, the head
     averaged, every B set to zero (A is left as it is: the caller draws the next round's).
 
     Client i's A_i (r_i x d_in) and B_i (d_out x r_i) may have any rank r_i. ``scalings[i][name]``
-    overrides s_i of a layer (default ``layer.scaling``: one network for every client). ``info``:
+    overrides s_i of a layer (default ``layer.scaling``: one network for every client). ``inplace``
+    merges into the given base tensors instead of new ones. ``info``:
     per layer name, ``rank`` (sum r_i, the stacked rank), ``bytes`` and ``factors`` (smaller wire form).
     """
     p = normalise(weights)
@@ -75,7 +77,7 @@ def flora_aggregate(
         s = [layer.scaling if scalings is None else float(scalings[i].get(layer.name, layer.scaling)) for i in range(len(p))]
         a_st = torch.cat([st[layer.a_key].to(dt) * (w * si) for st, w, si in zip(client_states, p, s)], dim=0)
         b_st = torch.cat([st[layer.b_key].to(dt) for st in client_states], dim=1)
-        new[layer.base_key] = fold(base, b_st, a_st, 1.0, layer.fan_in_fan_out)
+        new[layer.base_key] = fold(base, b_st, a_st, 1.0, layer.fan_in_fan_out, inplace=inplace)
         new[layer.b_key] = torch.zeros_like(global_state[layer.b_key])
         d_out, d_in = layer_dims(layer, global_state)
         size, factors = factor_bytes(int(a_st.shape[0]), d_out, d_in, base.element_size())
@@ -140,6 +142,8 @@ class FLoRA(LoRARule):
         seed: seeds the fresh ``lora_A`` of each round (with the round number).
         client_ranks: optional ranks cycled over client ids (client k trains rank
             ``client_ranks[k % len]``, at most the network's); None: every client at full rank.
+        in_place: merge into the server state's base tensors instead of new ones (no second copy
+            of the adapted base weights; the state passed to :meth:`aggregate` changes).
     """
 
     folds_into_base = True
@@ -149,9 +153,11 @@ class FLoRA(LoRARule):
         weighting: Literal["samples", "uniform"] = "samples",
         seed: int = 0,
         client_ranks: list[int] | None = None,
+        in_place: bool = False,
     ) -> None:
         super().__init__(weighting)
         check_ranks(client_ranks)
+        self.in_place = bool(in_place)
         self.seed = int(seed)
         self.client_ranks = [int(r) for r in client_ranks] if client_ranks is not None else None
 
@@ -196,7 +202,8 @@ class FLoRA(LoRARule):
             cut = truncate(r.weights, layers, self._rank(state, r.client_id), zero_pad=False) if self.client_ranks else {}
             states.append({**r.weights, **cut})
         new, info = flora_aggregate(
-            state["global"], states, self.client_weights(results), layers, ids, rule=self.rule_name
+            state["global"], states, self.client_weights(results), layers, ids, inplace=self.in_place,
+            rule=self.rule_name,
         )
         round_ = state["round"] + 1
         new.update(fresh_lora_a(layers, state["global"], self.seed, round_))
