@@ -175,3 +175,8 @@ def test_prefix_is_prepended_to_every_key_of_vera_records():
     plain, prefixed = adapted_layers(net.model), adapted_layers(net.model, prefix="model.")
     assert [r.lambda_b_key for r in prefixed] == ["model." + r.lambda_b_key for r in plain]
     assert set(r.lambda_d_key for r in prefixed) <= set(net.state_dict())
+
+
+def test_spec_with_a_rank_below_one_is_an_error():
+    with pytest.raises(FedMoEError, match="adapter.r=0 must be a positive integer"):
+        AdapterSpec.from_dict({"r": 0})

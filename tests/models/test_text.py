@@ -217,3 +217,14 @@ def test_tokenizer_from_a_folder_is_checked(tmp_path):
 def test_pretrained_from_a_package_that_is_not_installed_is_a_one_line_error():
     with pytest.raises(DataError, match="package 'no_such_models_pkg' is not installed"):
         HFSequenceClassifier(2, pretrained="package:no_such_models_pkg")
+
+
+def test_last_token_head_without_pad_or_eos_id_is_an_error():
+    config = tiny_config("llama", eos_token_id=None)
+    with pytest.raises(FedMoEError, match="a llama classifier needs network_kwargs.pad_token_id"):
+        HFSequenceClassifier(2, config=config)
+
+
+def test_zero_classes_is_an_error():
+    with pytest.raises(FedMoEError, match="num_classes=0 must be at least 1"):
+        HFSequenceClassifier(0, config=tiny_config("bert"))
