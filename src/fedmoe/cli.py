@@ -247,7 +247,13 @@ def _build_cli_class(args: list[str]):
                     "seed_everything=false: a federated run needs a seed (client sampling, resume); use true to "
                     "draw one (it is recorded in config.yaml) or an integer"
                 )
-            self._seed_drawn = seed is True
+            if seed is True:  # Lightning 2.6 would take PL_GLOBAL_SEED or 0: draw one, as documented
+                seed = int.from_bytes(os.urandom(4), "little")
+                if self.subcommand:
+                    self.config[self.subcommand]["seed_everything"] = seed
+                else:
+                    self.config["seed_everything"] = seed
+                self._seed_drawn = True
             super()._set_seed()
 
         def before_instantiate_classes(self) -> None:
@@ -393,6 +399,11 @@ def _build_cli_class(args: list[str]):
                 summary = loop.fit(path, config_yaml=self._config_yaml())
             except KeyboardInterrupt:
                 raise Interrupted(self._interrupted(loop, path)) from None
+            except CheckpointError as e:
+                if self._seed_drawn and "seed_everything" in str(e):
+                    raise CheckpointError(f"{e}; seed_everything true drew a new seed: resume with --config "
+                                          f"{run_dir / 'config.yaml'}, which records the run's seed") from None
+                raise
             if summary.get("new_rounds") == 0:
                 print(f"{run_dir} already has {summary['rounds']} of federation.rounds={loop.fed.rounds} rounds: "
                       "nothing to do, nothing changed (raise --federation.rounds to extend it)")
