@@ -191,6 +191,7 @@ GPU = torch.cuda.is_available()
         (["--federation.algorithm.init_args.top_k", "4"], "federation.algorithm.top_k=4"),
         (["--federation.algorithm.init_args.relevance_temperature", "0"], "federation.algorithm.relevance_temperature=0"),
         (["--federation.algorithm.init_args.gate_lr", "-1"], "federation.algorithm.gate_lr=-1"),
+        (["--federation.algorithm.init_args.gate_network", "no_such_net"], "federation.algorithm.gate_network="),
         (["--federation.algorithm", "FedProx", "--federation.algorithm.mu", "-1"], "federation.algorithm.mu=-1"),
         pytest.param(["--trainer.accelerator", "gpu"], "no CUDA GPU; available: cpu",
                      marks=pytest.mark.skipif(GPU, reason="this machine has a GPU")),

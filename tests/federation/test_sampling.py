@@ -20,3 +20,14 @@ def test_per_group_sampling_takes_one_client_per_residue_class():
     for r in range(1, 10):
         ids = s.sample(r)
         assert sorted(i % 5 for i in ids) == [0, 1, 2, 3, 4]
+
+
+def test_bad_sampling_settings_name_the_key():
+    import pytest
+
+    from fedmoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"federation.clients_per_round=6 .*the data has 5 clients"):
+        ClientSampler(5, 6)
+    with pytest.raises(ConfigError, match=r"federation.sampling='random'"):
+        ClientSampler(5, 2, mode="random")

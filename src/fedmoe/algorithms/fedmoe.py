@@ -26,6 +26,7 @@ from fedmoe.algorithms.base import Algorithm, ClientPlan, ClientResult, ServerCo
 from fedmoe.algorithms.fusion import mix, weighted_average
 from fedmoe.models.moe import ServerMoE, expert_utilisation, gating_entropy
 from fedmoe.models.moe_module import ExpertModule, ServerMoEModule
+from fedmoe.errors import ConfigError
 from fedmoe.validation import check_choice, check_float, check_int
 
 
@@ -368,6 +369,32 @@ def _check_options(o: dict[str, Any]) -> None:
     check_float(_KEY + "server_eps", o["server_eps"], 0.0, low_open=True)
     for name, choices in _CHOICES.items():
         check_choice(_KEY + name, o[name], choices)
+    if o["gate_network"] is not None:
+        _check_gate_network(o["gate_network"])
+
+
+def _check_gate_network(name: str) -> None:
+    """``gate_network`` names a registered architecture (modules registering more are imported first)
+    or a dotted class path."""
+    import importlib
+    import pkgutil
+
+    from fedmoe.models import networks
+
+    if "." in name or name in networks.NETWORKS:
+        return
+    import fedmoe.models
+
+    for info in pkgutil.iter_modules(fedmoe.models.__path__, "fedmoe.models."):
+        try:
+            importlib.import_module(info.name)
+        except Exception:  # an optional extra that is not installed
+            continue
+    if name not in networks.NETWORKS:
+        raise ConfigError(
+            f"{_KEY}gate_network={name!r} is not a known network; known names: {', '.join(sorted(networks.NETWORKS))} "
+            "(or a dotted path pkg.module.Class)"
+        )
 
 
 def _clone(state: StateDict) -> StateDict:

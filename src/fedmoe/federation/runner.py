@@ -221,8 +221,9 @@ def _accelerator(value: Any) -> str:
 
 
 _MULTI_DEVICE = (
-    "local training runs each client on one device (multi-device training of one client is not "
-    "supported); use trainer.devices 1, or [k] to pick device k"
+    "local training runs each client on one device (training one client on several devices is not "
+    "supported; using several devices means running clients on them side by side, which is "
+    "federation.executor's job); use trainer.devices 1, or [k] to pick device k"
 )
 
 

@@ -7,6 +7,8 @@ from typing import Literal
 
 import numpy as np
 
+from fedmoe.validation import check_choice, check_int
+
 
 class ClientSampler:
     """Chooses the clients of each round.
@@ -22,10 +24,8 @@ class ClientSampler:
     def __init__(
         self, num_clients: int, per_round: int, mode: Literal["uniform", "per_group"] = "uniform", seed: int = 0
     ) -> None:
-        if not 1 <= per_round <= num_clients:
-            raise ValueError(f"clients_per_round must be in [1, {num_clients}], got {per_round}")
-        if mode not in ("uniform", "per_group"):
-            raise ValueError(f"unknown sampling mode {mode!r}; use 'uniform' or 'per_group'")
+        check_int("federation.clients_per_round", per_round, 1, num_clients, hint=f"the data has {num_clients} clients")
+        check_choice("federation.sampling", mode, ("uniform", "per_group"))
         self.num_clients, self.per_round, self.mode, self.seed = num_clients, per_round, mode, seed
 
     def sample(self, round_idx: int) -> list[int]:
