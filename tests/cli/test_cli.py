@@ -307,6 +307,7 @@ def test_ctrl_c_prints_one_line_with_the_checkpoint_and_the_resume_command(tmp_p
     assert match, lines[0]
     assert Path(match.group(1)) == run / "checkpoints" / "last.ckpt"
     assert load_checkpoint(match.group(1))["round"] == int(match.group(2))
+    assert json.loads((run / "summary.json").read_text())["rounds"] == int(match.group(2))
     assert match.group(3).startswith("python -m fedmoe.cli fit ") and match.group(3).endswith("--ckpt_path last")
 
 

@@ -214,7 +214,7 @@ class FederatedLoop:
         Nothing is written before the first round of this call completes, so a run that fails or is
         interrupted earlier leaves its folder as it was; then leftovers of interrupted atomic writes
         are removed and ``config_yaml`` (the resolved config) is saved as ``config.yaml``, headed by
-        comments listing the run's sessions. A checkpoint with more rounds than ``federation.rounds``
+        comments listing the run's sessions. ``summary.json`` is written with every checkpoint. A checkpoint with more rounds than ``federation.rounds``
         is refused; one with exactly as many changes nothing (the summary has ``new_rounds: 0``).
         ``seconds`` in the summary is the time spent in rounds over all sessions.
         """
@@ -267,15 +267,19 @@ class FederatedLoop:
                 if self.round % self.fed.checkpoint_every == 0 or self.round == self.fed.rounds:
                     self.save()
                     self.saved_round = self.round
+                    self._write_summary()
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4f}" for k in ("server/test_acc", "clients/acc_mean") if _finite(row.get(k))})
         finally:
             bar.close()
             recorder.close()
-        summary = {**self.summary(self.elapsed), "sessions": self.sessions,
-                   "new_rounds": self.round - session["first_round"] + 1}
+        return {**self.summary(self.elapsed), "sessions": self.sessions,
+                "new_rounds": self.round - session["first_round"] + 1}
+
+    def _write_summary(self) -> None:
+        """summary.json, written with each checkpoint so that the two always agree."""
+        summary = {**self.summary(self.elapsed), "sessions": self.sessions, "complete": self.round == self.fed.rounds}
         ckpt_io.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-        return summary
 
     def _sessions_header(self) -> str:
         """Comment lines for config.yaml: how to rerun or evaluate it, and the run's sessions."""
