@@ -62,6 +62,9 @@ def condense_error(message: str) -> str:
     for key in re.findall(r"trainer\.(\w+)", message):
         if key in NOT_IN_FEDERATED_RUNS:
             return no_effect_message(key)
+        if key == "logger":
+            return ("trainer.logger takes true or false: the run writes TensorBoard events and metrics.csv itself "
+                    "(false: no TensorBoard events)")
     lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     if not lines:
         return "invalid arguments"

@@ -200,6 +200,7 @@ GPU = torch.cuda.is_available()
         (["--trainer.callbacks", "lightning.pytorch.callbacks.EarlyStopping"], "trainer.callbacks has no effect"),
         (["--trainer.check_val_every_n_epoch", "2"], "use federation.eval_every"),
         (["--trainer.strategy", "ddp"], "trainer.strategy has no effect"),
+        (["--trainer.logger", "lightning.pytorch.loggers.CSVLogger"], "trainer.logger takes true or false"),
         (["--trainer.enable_checkpointing", "false"], "federation.checkpoint_every"),
         (["--seed_everything", "false"], "seed_everything=false"),
         (["--ckpt_path", "best"], "--ckpt_path best"),
