@@ -358,6 +358,8 @@ def _build_cli_class(args: list[str]):
                 targets = getattr(dataset, "targets", None)
                 if targets is None or not hasattr(targets, "min") or len(targets) == 0 or targets.dim() != 1:
                     continue
+                if targets.is_floating_point():  # regression targets (STS-B scores) have no class range
+                    continue
                 bad = ((targets < 0) | (targets >= model.num_classes)).nonzero()
                 if len(bad):
                     i = int(bad[0])
