@@ -33,6 +33,9 @@ class ClientPlan:
     """State-dict keys the client sends back after training (None: all of them). Adapter rules
     send only what they aggregate; ``weights`` may then also be a subset of the network's keys,
     loaded over the network's current values."""
+    keep_keys: frozenset[str] = frozenset()
+    """State-dict keys the client keeps to itself after training (FedSA-LoRA's personal B and head):
+    returned beside the upload in :attr:`ClientResult.kept`, never sent."""
     wire_bytes: int | None = None
     """Bytes that really travel to the client, when they differ from ``weights``'s (a residual sent
     as low-rank factors, a frozen matrix the client already holds); None: ``num_bytes(weights)``."""
@@ -47,6 +50,9 @@ class ClientResult:
     weights: StateDict
     metrics: dict[str, float] = field(default_factory=dict)
     base_version: int = 0
+    kept: StateDict = field(default_factory=dict)
+    """What the client kept locally (``ClientPlan.keep_keys``): it never travels; :meth:`Algorithm.sync`
+    may combine it with what the server broadcasts, as the client itself would."""
 
 
 class ServerContext(Protocol):

@@ -49,14 +49,15 @@ class Sequential(Executor):
             optimizer_state=task.optimizer_state,
             return_optimizer_state=task.keep_optimizer,
         )
-        keep = task.plan.upload_keys
-        weights = {
-            k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items() if keep is None or k in keep
-        }
+        upload, keep = task.plan.upload_keys, task.plan.keep_keys
+        state = net.state_dict()
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if upload is None or k in upload}
+        kept = {k: state[k].detach().to("cpu", copy=True) for k in keep}
         result = ClientResult(
             client_id=task.client_id,
             num_samples=len(dataset),
             weights=weights,
             metrics={"loss": fit.loss, "steps": fit.steps},
+            kept=kept,
         )
         return ClientOutcome(result=result, optimizer_state=fit.optimizer_state)

@@ -32,11 +32,12 @@ def _train(kit, state, algo, ids, layers, seed=0, samples=None, keep_a=False):
     out = []
     for i, cid in enumerate(ids):
         plan = algo.configure_client(state, cid, None)
-        w = {}
-        for k in plan.upload_keys:
+        w, kept = {}, {}
+        for k in plan.upload_keys | plan.keep_keys:
             v = plan.weights[k]
-            w[k] = v.clone() if (keep_a and "lora_A" in k) else v + torch.randn(v.shape, generator=gen, dtype=v.dtype)
-        out.append(ClientResult(client_id=cid, num_samples=(samples or [2, 5, 1, 4])[i], weights=w))
+            new = v.clone() if (keep_a and "lora_A" in k) else v + torch.randn(v.shape, generator=gen, dtype=v.dtype)
+            (kept if k in plan.keep_keys else w)[k] = new
+        out.append(ClientResult(client_id=cid, num_samples=(samples or [2, 5, 1, 4])[i], weights=w, kept=kept))
     return out
 
 
@@ -132,6 +133,7 @@ def test_fedsa_personal_b_and_head_never_uploaded_never_changed_by_the_server(ki
     personal = [l.b_key for l in layers] + list(kit.HEAD)
     res = _train(kit, state, algo, [0, 1, 2], layers, seed=4)
     for r in res:
+        assert set(r.weights) == set(a_keys) and set(r.kept) == set(personal)
         assert algo.upload_bytes(r) == num_bytes({k: r.weights[k] for k in a_keys})
     new = algo.aggregate(state, res, ctx)
     synced = algo.sync(new, res, ctx)
@@ -140,7 +142,7 @@ def test_fedsa_personal_b_and_head_never_uploaded_never_changed_by_the_server(ki
         torch.testing.assert_close(new["global"][k], sum(w * r.weights[k] for w, r in zip(p, res)))
     for r in res:
         for k in personal:
-            assert synced[r.client_id][k] is r.weights[k]
+            assert synced[r.client_id][k] is r.kept[k]
         for k in a_keys:
             assert synced[r.client_id][k] is new["global"][k]
     # next round: global A with the client's own B and head; only A travels

@@ -3,13 +3,13 @@
 A <- sum_i p_i A_i is broadcast; each client keeps its own B and head between rounds and
 trains them together with the global A. Wire: down, the A tensors; up, the A tensors.
 
-The engine keeps a personalised client's weights through :meth:`~FedSALoRA.sync`, so the executor
-hands the client's B and head back with its A (``upload_keys``) for the simulation to store them as
-the client would; they are not counted as uploaded (:meth:`~FedSALoRA.upload_bytes`), the server
-never mixes them into anything a client receives, and ``sync`` returns them unchanged.
+Clients upload only A (``upload_keys``); B and the head are kept on the client (``keep_keys``: the
+executor returns them in ``ClientResult.kept``, which never travels), and :meth:`~FedSALoRA.sync`
+combines the broadcast A with each client's own B and head, as the client itself does.
 
-The server model (evaluation only; it exists in no deployment) is the global A with the
-p-weighted means of the round's B and heads; each client's own model is what the rule is judged by.
+The server model (evaluation only, a simulation view that exists in no deployment) is the global A
+with the p-weighted means of the round's kept B and heads; each client's own model is what the
+rule is judged by.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class FedSALoRA(LoRARule):
         return [layer.a_key for layer in self.layers(state)]
 
     def upload_keys(self, state: ServerState) -> frozenset[str]:
-        return frozenset(self.shared_keys(state) + self.personal_keys(state))
+        return frozenset(self.shared_keys(state))
 
     def configure_client(self, state: ServerState, client_id: int, client_weights: StateDict | None) -> ClientPlan:
         self._state = state
@@ -70,12 +70,8 @@ class FedSALoRA(LoRARule):
         shared = {k: state["global"][k] for k in self.shared_keys(state)}
         weights = {**shared, **{k: own[k] for k in self.personal_keys(state)}}
         wire = sum(t.numel() * t.element_size() for t in shared.values())
-        return ClientPlan(weights=weights, upload_keys=self.upload_keys(state), wire_bytes=wire)
-
-    def upload_bytes(self, result: ClientResult) -> int:
-        """Only the A tensors leave the client."""
-        keys = set(self.shared_keys(self._state)) if self._state is not None else set()
-        return sum(t.numel() * t.element_size() for k, t in result.weights.items() if k in keys)
+        return ClientPlan(weights=weights, upload_keys=self.upload_keys(state),
+                          keep_keys=frozenset(self.personal_keys(state)), wire_bytes=wire)
 
     def aggregate(self, state: ServerState, results: list[ClientResult], ctx: ServerContext) -> ServerState:
         ids = [r.client_id for r in results]
@@ -83,15 +79,16 @@ class FedSALoRA(LoRARule):
         p = self.client_weights(results)
         new, _ = fedsa_aggregate(state["global"], states, p, self.layers(state), ids, self.rule_name)
         personal = self.personal_keys(state)
-        check_uploads(states, personal, self.rule_name, ids)
-        view = mean_of_keys(states, normalise(p), personal)
+        kept = [r.kept for r in results]
+        check_uploads(kept, personal, self.rule_name, ids)
+        view = mean_of_keys(kept, normalise(p), personal)
         return {**state, "global": new, "server_view": view, "round": state["round"] + 1}
 
     def sync(self, state: ServerState, results: list[ClientResult], ctx: ServerContext) -> dict[int, StateDict]:
         """Each client: the new global A with its own B and head, untouched by the server."""
         shared = {k: state["global"][k] for k in self.shared_keys(state)}
         personal = self.personal_keys(state)
-        return {r.client_id: {**shared, **{k: r.weights[k] for k in personal}} for r in results}
+        return {r.client_id: {**shared, **{k: r.kept[k] for k in personal}} for r in results}
 
     def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
         """Evaluation only: global A with the round's mean B and head."""
