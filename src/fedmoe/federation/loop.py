@@ -211,12 +211,13 @@ class FederatedLoop:
     def fit(self, ckpt_path: str | Path | None = None, config_yaml: str | None = None) -> dict[str, Any]:
         """Run rounds up to ``federation.rounds``, resuming from ``ckpt_path`` if given.
 
-        Nothing is written before the first round of this call completes, so a run that fails or is
-        interrupted earlier leaves its folder as it was; then leftovers of interrupted atomic writes
-        are removed and ``config_yaml`` (the resolved config) is saved as ``config.yaml``, headed by
-        comments listing the run's sessions. ``summary.json`` is written with every checkpoint. A checkpoint with more rounds than ``federation.rounds``
-        is refused; one with exactly as many changes nothing (the summary has ``new_rounds: 0``).
-        ``seconds`` in the summary is the time spent in rounds over all sessions.
+        Leftovers of interrupted atomic writes are removed when the rounds start. Nothing else is
+        written before the first round of this call completes, so a run that fails or is
+        interrupted earlier leaves its folder as it was; then ``config_yaml`` (the resolved config)
+        is saved as ``config.yaml``, headed by comments listing the run's sessions. ``summary.json`` is written with every checkpoint. A
+        checkpoint with more rounds than ``federation.rounds`` is refused; one with exactly as many
+        changes nothing (the summary has ``new_rounds: 0``). ``seconds`` in the summary is the time
+        spent in rounds over all sessions.
         """
         self.setup()
         self._rng = None
@@ -242,6 +243,7 @@ class FederatedLoop:
             "seconds": 0.0,
         }
         self.sessions.append(session)
+        ckpt_io.remove_stale_temp_files(self.run_dir, self.ckpt_path.parent)
         recorder = RoundRecorder(self.run_dir, self.round, self.history, tensorboard=self.settings.logger,
                                  every=self.settings.log_every_n_steps, last_round=self.fed.rounds)
         bar = tqdm(
@@ -254,7 +256,6 @@ class FederatedLoop:
                 row, images = self.run_round(self.round + 1)
                 self.round += 1
                 if self.round == session["first_round"]:
-                    ckpt_io.remove_stale_temp_files(self.run_dir, self.ckpt_path.parent)
                     if config_yaml is not None:
                         ckpt_io.atomic_write_text(self.run_dir / "config.yaml", self._sessions_header() + config_yaml)
                 recorder.log(self.round, row, images)
