@@ -356,8 +356,9 @@ def _build_cli_class(args: list[str]):
             named.update({f"client_train[{i}]": d for i, d in enumerate(splits.client_train)})
             for name, dataset in named.items():
                 targets = getattr(dataset, "targets", None)
-                if targets is None or not hasattr(targets, "min") or len(targets) == 0 or targets.dim() != 1:
-                    continue
+                if (targets is None or not hasattr(targets, "is_floating_point") or targets.is_floating_point()
+                        or targets.dim() != 1 or len(targets) == 0):
+                    continue  # not class labels (e.g. regression scores)
                 if targets.is_floating_point():  # regression targets (STS-B scores) have no class range
                     continue
                 bad = ((targets < 0) | (targets >= model.num_classes)).nonzero()
