@@ -118,7 +118,7 @@ def _wants_help(args: list[str]) -> bool:
     return any(a in ("-h", "--help") or a.split("=")[0].endswith(".help") for a in args)
 
 
-def _build_cli_class(args: list[str]):
+def _build_cli_class(args: list[str], configs: list[Any]):
     import lightning.pytorch as pl
     from jsonargparse import ArgumentParser
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -133,6 +133,10 @@ def _build_cli_class(args: list[str]):
     from fedmoe.models.classifier import Classifier
 
     epilog = builtins_epilog() if _wants_help(args) else None
+    if _short_algorithm_names(args, configs):
+        from fedmoe.algorithms.base import Algorithm
+
+        builtin_classes("fedmoe.algorithms", Algorithm)
 
     class LocalTrainer(pl.Trainer):
         """Local training of each client (Lightning Fabric driving the module's ``training_step``).
@@ -541,8 +545,9 @@ def check_run_dir(run_dir: Path) -> None:
             )
 
 
-def check_config_files(args: list[str]) -> None:
-    """Each ``--config`` file exists and is valid YAML (an error names the file and the line)."""
+def check_config_files(args: list[str]) -> list[Any]:
+    """Each ``--config`` file exists and is valid YAML (an error names the file and the line); returns
+    their contents."""
     import yaml
 
     paths = []
@@ -551,12 +556,13 @@ def check_config_files(args: list[str]) -> None:
             paths.append(args[i + 1])
         elif a.startswith("--config="):
             paths.append(a.split("=", 1)[1])
+    docs = []
     for name in paths:
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            yaml.safe_load(path.read_text())
+            docs.append(yaml.safe_load(path.read_text()))
         except yaml.YAMLError as e:
             parts = []
             for label, mark in (("", getattr(e, "problem_mark", None)), (getattr(e, "context", None), getattr(e, "context_mark", None))):
@@ -566,6 +572,19 @@ def check_config_files(args: list[str]) -> None:
             raise ConfigError(f"config file {path}: YAML syntax error at {'; '.join(parts) or 'an unknown line'}: {problem}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    return docs
+
+
+def _short_algorithm_names(args: list[str], configs: list[Any]) -> bool:
+    """Whether an algorithm is named by its class name alone (``FedIT``), which needs the built-in
+    algorithm modules imported to resolve."""
+    names = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--federation.algorithm"]
+    names += [a.split("=", 1)[1] for a in args if a.startswith("--federation.algorithm=")]
+    for doc in configs:
+        algo = (doc or {}).get("federation", {}) if isinstance(doc, dict) else {}
+        algo = algo.get("algorithm") if isinstance(algo, dict) else None
+        names.append(algo.get("class_path", "") if isinstance(algo, dict) else algo or "")
+    return any(isinstance(n, str) and n and "." not in n and not n.lstrip().startswith("{") for n in names)
 
 
 def _summary_line(s: dict[str, Any]) -> str:
@@ -588,8 +607,8 @@ def main(args: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if args is None else args)
     try:
-        check_config_files(argv)
-        cli_class = _build_cli_class(argv)
+        configs = check_config_files(argv)
+        cli_class = _build_cli_class(argv, configs)
         cli_class._argv = argv
         cli_class(args=args)
     except FedMoEError as e:
