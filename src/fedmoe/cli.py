@@ -363,8 +363,6 @@ def _build_cli_class(args: list[str], configs: list[Any]):
                 if (targets is None or not hasattr(targets, "is_floating_point") or targets.is_floating_point()
                         or targets.dim() != 1 or len(targets) == 0):
                     continue  # not class labels (e.g. regression scores)
-                if targets.is_floating_point():  # regression targets (STS-B scores) have no class range
-                    continue
                 bad = ((targets < 0) | (targets >= model.num_classes)).nonzero()
                 if len(bad):
                     i = int(bad[0])
@@ -425,7 +423,8 @@ def _build_cli_class(args: list[str], configs: list[Any]):
             if loop.saved_round is not None or resumed_from is not None:
                 ckpt = loop.ckpt_path if loop.saved_round is not None else resumed_from
                 saved = loop.saved_round if loop.saved_round is not None else loop.loaded_round
-                return f"{where}; the last checkpoint is {ckpt} (round {saved}); resume with: {self._resume_command()}"
+                at = f" (round {saved})" if saved is not None else ""
+                return f"{where}; the last checkpoint is {ckpt}{at}; resume with: {self._resume_command()}"
             return f"{where}, before the first checkpoint: nothing was saved in {loop.run_dir}"
 
         def _smoke_run(self, model, datamodule, ckpt_path: str | None) -> None:
@@ -460,8 +459,8 @@ def _build_cli_class(args: list[str], configs: list[Any]):
             algo = type(loop.algo)
             loop.load(path, compare=lambda flat: _eval_keys(flat, algo))
             metrics = loop.evaluate(split)
-            print(f"{split} of {path} (round {loop.round}): loss {metrics['loss']:.4f}  acc {metrics['acc']:.4f}  "
-                  f"({metrics['n']} samples)")
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n" and isinstance(v, float))
+            print(f"{split} of {path} (round {loop.round}): {shown}  ({metrics.get('n')} samples)")
 
     return FedMoECLI
 
