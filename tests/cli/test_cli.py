@@ -131,14 +131,18 @@ def test_saved_config_reruns_the_experiment_and_evaluates_it(tmp_path, full2, ca
 
 
 def test_checkpoint_from_another_config_is_refused_naming_the_key(full2, capsys):
+    before = snapshot(full2)
     code = fit(full2, "--federation.rounds", "3", "--ckpt_path", "last", "--federation.algorithm.init_args.lam", "0.3")
     assert code == 2
     assert "federation.algorithm.init_args.lam (0.5 -> 0.3)" in one_error_line(capsys)
+    assert snapshot(full2) == before
 
 
 def test_new_run_in_a_folder_holding_a_run_is_refused(full2, capsys):
+    before = snapshot(full2)
     assert fit(full2, "--federation.rounds", "1") == 2
     assert "--ckpt_path last" in one_error_line(capsys)
+    assert snapshot(full2) == before
 
 
 def test_fast_dev_run_is_a_one_round_smoke_run_that_saves_nothing(tmp_path, capsys):
@@ -254,6 +258,8 @@ def test_read_only_run_folder_is_one_line(tmp_path, capsys, monkeypatch):
 def test_evaluating_without_a_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["test", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path)]) == 2
     assert "needs --ckpt_path" in one_error_line(capsys)
+    assert main(["validate", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"]) == 2
+    assert "last.ckpt does not exist" in one_error_line(capsys)
 
 
 def _femnist_args(data_dir, run_dir, *extra):
