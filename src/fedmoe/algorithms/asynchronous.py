@@ -165,15 +165,25 @@ def fedasync_lora(
     Other floating keys (a head) are mixed linearly, which is exact. Accumulates in float32 or
     wider; the adapter keeps its dtype, the factors are in the accumulation dtype.
     """
-    out = fedasync_mix(current, new, w)
-    factors: Factors = {}
-    for layer in layers:
-        b, b2, a, a2 = current[layer.b_key], new[layer.b_key], current[layer.a_key], new[layer.a_key]
-        dt = acc_dtype(b)
-        u = (b.to(dt) - b2.to(dt)).mul_(layer.scaling * w * (1.0 - w))
-        v = a.to(dt) - a2.to(dt)
-        factors[layer.name] = (u, v)
-    return out, factors
+    a_b = [k for layer in layers for k in (layer.b_key, layer.a_key)]
+    fast = all(current[k].dtype in (torch.float32, torch.float64) and new[k].dtype == current[k].dtype for k in a_b)
+    if not fast:
+        out = fedasync_mix(current, new, w)
+    else:  # one fused pass over the adapter tensors: x + w (x' - x) = (1 - w) x + w x'
+        others = _other_keys(current, layers)
+        out = fedasync_mix({k: current[k] for k in others}, {k: new[k] for k in others}, w) if others else {}
+        out.update(zip(a_b, torch._foreach_lerp([current[k] for k in a_b], [new[k] for k in a_b], float(w))))
+        out = {k: out[k] for k in current}
+    bs = [current[layer.b_key] for layer in layers]
+    if fast:
+        us = torch._foreach_sub(bs, [new[layer.b_key] for layer in layers])
+        torch._foreach_mul_(us, [layer.scaling * w * (1.0 - w) for layer in layers])
+        vs = torch._foreach_sub([current[layer.a_key] for layer in layers], [new[layer.a_key] for layer in layers])
+    else:
+        dt = acc_dtype(bs[0])
+        us = [(b.to(dt) - new[layer.b_key].to(dt)).mul_(layer.scaling * w * (1.0 - w)) for b, layer in zip(bs, layers)]
+        vs = [current[layer.a_key].to(dt) - new[layer.a_key].to(dt) for layer in layers]
+    return out, {layer.name: (u, v) for layer, u, v in zip(layers, us, vs)}
 
 
 def fedbuff_lora(

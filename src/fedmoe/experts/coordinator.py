@@ -248,6 +248,7 @@ class _Expert:
         self.next_block = 1
         self.metrics = ExpertMetrics()
         self.energy_by_layer: dict[str, float] = {}
+        self.cache: tuple[int, Factors] = (-1, {})
 
 
 @dataclass
@@ -400,9 +401,13 @@ class ExpertCoordinator:
         as the caller does not write into them."""
         e = self._expert(name)
         with e.lock:
-            corr = e.corrections[e.version]
+            if e.cache[0] != e.version:
+                corr = e.corrections[e.version]
+                e.cache = (e.version, {x.name: corr.factors(x.name, *e.dims[x.name], e.dtype) for x in e.layers})
+            factors = e.cache[1]
+            if copy:
+                factors = {n: (u.clone(), v.clone()) for n, (u, v) in factors.items()}
             adapter = {k: (t.clone() if copy else t) for k, t in e.adapter.items()}
-            factors = {x.name: corr.factors(x.name, *e.dims[x.name], e.dtype) for x in e.layers}
             version = e.version
             e.metrics.bytes_out += sum(t.numel() * t.element_size() for t in adapter.values()) + sum(
                 u.numel() * u.element_size() + v.numel() * v.element_size() for u, v in factors.values()
@@ -447,7 +452,7 @@ class ExpertCoordinator:
                 None, update, f"unknown expert {update.expert!r} (known: {', '.join(self.experts()) or 'none'})"
             )
         try:
-            weights = self._check(e, update)
+            weights, flats, shapes = self._check(e, update)
         except _Refusal as r:
             return self._refuse(e, update, str(r))
         upd = Update(e.name, str(update.worker), int(update.base_version), weights, int(update.num_samples))
@@ -468,8 +473,10 @@ class ExpertCoordinator:
                     "kind": "update", "seq": seq, "version": change.version, "worker": upd.worker,
                     "base_version": upd.base_version, "num_samples": upd.num_samples, "mode": self.mode,
                 }
+                if shapes:
+                    record["shapes"] = shapes
                 try:
-                    e.metrics.bytes_persisted += self.store.append(e.name, record, weights)
+                    e.metrics.bytes_persisted += self.store.append(e.name, record, flats)
                 except FedMoEError as err:
                     return self._refuse(e, upd, f"not persisted: {err}", locked=True)
             self._commit(e, change, seq, upd)
@@ -500,8 +507,10 @@ class ExpertCoordinator:
             raise ConfigError(f"unknown expert {name!r}; registered: {', '.join(self.experts()) or 'none'}")
         return e
 
-    def _check(self, e: _Expert, update: Update) -> StateDict:
-        """The update's tensors as the coordinator's own copies, or a refusal naming what is wrong."""
+    def _check(self, e: _Expert, update: Update) -> tuple[StateDict, StateDict, dict]:
+        """The update's tensors as the coordinator's own copies (views into one flat buffer per
+        dtype), the flat buffers, and the shapes that differ from the expert's (rank-flexible
+        rules); or a refusal naming what is wrong."""
         if not isinstance(update.base_version, int) or isinstance(update.base_version, bool):
             raise _Refusal(f"base_version must be an integer, got {update.base_version!r}")
         if not isinstance(update.num_samples, int) or update.num_samples < 1:
@@ -516,7 +525,7 @@ class ExpertCoordinator:
             raise _Refusal(f"the update has the unexpected key {extra[0]!r} (not in expert {e.name!r}'s adapter)")
         flexible = self.mode == "sync" and self.rule in RANK_FLEXIBLE
         ranks = {x.a_key: x for x in e.layers} | {x.b_key: x for x in e.layers}
-        out: StateDict = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for key, (shape, dtype) in e.spec.items():
             t = update.weights[key]
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -529,19 +538,22 @@ class ExpertCoordinator:
                 )
                 if not ok:
                     raise _Refusal(f"{key!r} has shape {tuple(t.shape)}, expected {shape}")
-            out[key] = t.detach().to(device="cpu", dtype=dtype, copy=True)
+            shapes[key] = tuple(t.shape)
         if flexible:
             for x in e.layers:
-                if out[x.a_key].shape[0] != out[x.b_key].shape[1]:
-                    raise _Refusal(f"layer {x.name!r}: A has rank {out[x.a_key].shape[0]} but B {out[x.b_key].shape[1]}")
-        if not all_finite(out):
-            bad = next(k for k, t in out.items() if not bool(torch.isfinite(t).all()))
-            raise _Refusal(f"{bad!r} holds NaN or infinite values")
+                if shapes[x.a_key][0] != shapes[x.b_key][1]:
+                    raise _Refusal(f"layer {x.name!r}: A has rank {shapes[x.a_key][0]} but B {shapes[x.b_key][1]}")
+        out, flats = _flatten(e.spec, shapes, update.weights)
+        for flat in flats.values():
+            if not bool(torch.isfinite(flat.sum(dtype=torch.float64))):
+                bad = next(k for k, t in out.items() if not bool(torch.isfinite(t).all()))
+                raise _Refusal(f"{bad!r} holds NaN or infinite values")
         if self.mode == "sync" and self.rule == "ffa":
             for x in e.layers:
                 if not torch.equal(out[x.a_key], e.adapter[x.a_key]):
                     raise _Refusal(f"{x.a_key!r} changed, but FFA-LoRA keeps lora_A frozen")
-        return out
+        changed = {k: list(v) for k, v in shapes.items() if v != e.spec[k][0]}
+        return out, flats, changed
 
     def _refuse(self, e: _Expert | None, update: Update, reason: str, locked: bool = False) -> Receipt:
         worker = str(update.worker)
@@ -714,7 +726,7 @@ class ExpertCoordinator:
                 f"{', '.join(f'{k}={old.get(k)!r}' for k in diff)}); use those settings or another folder"
             )
         layers = [LoRALayer(**x) for x in meta["layers"]]
-        adapter = {k[len("adapter/"):]: v for k, v in t.items() if k.startswith("adapter/")}
+        adapter = {k: t[f"adapter/{k}"] for k in meta["spec"]}  # the registered key order (flat buffers follow it)
         e = _Expert(name, layers, adapter)
         e.version, e.seq, e.snapshot_seq, e.next_block = meta["version"], loaded.seq, loaded.seq, meta["next_block"]
         blocks = {
@@ -739,7 +751,9 @@ class ExpertCoordinator:
                 continue
             upd = None
             if rec["kind"] == "update":
-                upd = Update(name, rec["worker"], rec["base_version"], tensors, rec["num_samples"])
+                shapes = {k: tuple(rec.get("shapes", {}).get(k, s)) for k, (s, _) in e.spec.items()}
+                weights = _split(e.spec, shapes, tensors)
+                upd = Update(name, rec["worker"], rec["base_version"], weights, rec["num_samples"])
             change = self._transition(e, upd)
             if change.version != rec["version"] or rec["seq"] != e.seq + 1:
                 raise CheckpointError(
@@ -751,6 +765,49 @@ class ExpertCoordinator:
             log.warning("expert %r: dropped a torn log record (%d bytes) left by an interrupted write", name, loaded.dropped_bytes)
         self._experts[name] = e
         self._maybe_snapshot(e)
+
+
+def _flat_name(dtype: torch.dtype) -> str:
+    return "flat." + str(dtype).removeprefix("torch.")
+
+
+def _flatten(
+    spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], shapes: Mapping[str, tuple[int, ...]],
+    weights: Mapping[str, torch.Tensor],
+) -> tuple[StateDict, StateDict]:
+    """Copies of ``weights`` (cast to the spec's dtypes) as views into one flat buffer per dtype,
+    in the spec's key order: one allocation, one copy pass, one buffer to check and to persist."""
+    flats: StateDict = {}
+    out: StateDict = {}
+    for dtype in dict.fromkeys(d for _, d in spec.values()):
+        keys = [k for k, (_, d) in spec.items() if d == dtype]
+        flat = torch.empty(sum(math.prod(shapes[k]) for k in keys), dtype=dtype)
+        views = _views(flat, keys, shapes)
+        torch._foreach_copy_(list(views.values()), [weights[k].detach() for k in keys])
+        out.update(views)
+        flats[_flat_name(dtype)] = flat
+    return {k: out[k] for k in spec}, flats
+
+
+def _views(flat: torch.Tensor, keys: Sequence[str], shapes: Mapping[str, tuple[int, ...]]) -> StateDict:
+    out: StateDict = {}
+    offset = 0
+    for k in keys:
+        n = math.prod(shapes[k])
+        out[k] = flat[offset : offset + n].view(shapes[k])
+        offset += n
+    return out
+
+
+def _split(
+    spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], shapes: Mapping[str, tuple[int, ...]], flats: StateDict
+) -> StateDict:
+    """The inverse of :func:`_flatten` (log replay)."""
+    out: StateDict = {}
+    for dtype in dict.fromkeys(d for _, d in spec.values()):
+        keys = [k for k, (_, d) in spec.items() if d == dtype]
+        out.update(_views(flats[_flat_name(dtype)], keys, shapes))
+    return {k: out[k] for k in spec}
 
 
 def _as_int(x: object) -> int | None:

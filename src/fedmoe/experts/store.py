@@ -37,11 +37,19 @@ SNAPSHOT = re.compile(r"^snapshot-(\d{12})\.safetensors$")
 META_KEY = "fedmoe_expert"
 
 
+DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
 def pack(named: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors safetensors can write (contiguous, no shared storage): a tensor that appears under
-    several names is written once; ``aliases`` maps each other name to the stored one."""
+    several names is written once (``aliases`` maps each other name to the stored one); views into a
+    storage already written are copied."""
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
+    storages: set[int] = set()
     aliases: dict[str, str] = {}
     for name, t in named.items():
         t = t.detach().contiguous()
@@ -49,9 +57,33 @@ def pack(named: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
         if t.numel() and key in seen:
             aliases[name] = seen[key]
             continue
+        storage = t.untyped_storage().data_ptr()
+        if t.numel() and storage in storages:
+            t = t.clone()
+            storage = t.untyped_storage().data_ptr()
+        storages.add(storage)
         seen[key] = name
         out[name] = t
     return out, aliases
+
+
+def write_safetensors(f: Any, tensors: Mapping[str, torch.Tensor]) -> int:
+    """Write ``tensors`` (contiguous, CPU) to the open binary file ``f`` in the safetensors format,
+    straight from their memory (no serialised copy). Returns the bytes written."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for t in tensors.values():
+        if t.numel():
+            f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+    return 8 + len(raw) + offset
 
 
 def unpack(tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
@@ -139,17 +171,18 @@ class ExpertStore:
         size = 0
         if tensors:
             packed, aliases = pack(tensors)
-            blob = st_save(packed)
             try:
-                seg.bin.write(blob)
+                length = write_safetensors(seg.bin, packed)
                 seg.bin.flush()
                 if self.fsync:
                     os.fsync(seg.bin.fileno())
             except OSError as e:
                 raise FedMoEError(f"cannot append to {seg.bin.name}: {e.strerror or e}; check free space") from e
-            line.update(offset=seg.offset, length=len(blob), aliases=aliases)
-            seg.offset += len(blob)
-            size += len(blob)
+            line.update(offset=seg.offset, length=length)
+            if aliases:
+                line["aliases"] = aliases
+            seg.offset += length
+            size += length
         data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
         try:
             seg.index.write(data)
