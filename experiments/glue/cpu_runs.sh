@@ -2,7 +2,7 @@
 # The federated LoRA comparison of docs/results.md at CPU scale: every rule (and centralized LoRA) on
 # the SST-2 sample with the pretrained MiniLM, IID and Dirichlet(0.5) over 3 clients, plus a rank
 # sweep of FedEx-LoRA (800 training sentences, batch 16, AdamW lr 2e-3, 8 rounds of 1 local epoch,
-# 300 dev sentences as test); two runs at a time with one torch thread each (2 cores). A finished run is
+# 300 dev sentences as test), and RTE (400 pairs, max length 128, 200 dev pairs); two runs at a time with one torch thread each (2 cores). A finished run is
 # skipped and an interrupted one resumed, so the script can be run again.
 #   bash experiments/glue/cpu_runs.sh [GLUE_DIR] [OUT]       # defaults: ../shared/data/glue runs/glue_cpu
 set -uo pipefail
@@ -14,29 +14,31 @@ COMMON=(--config experiments/glue/minilm_cpu.yaml --model.network_kwargs.pretrai
         --data.init_args.max_train_samples 800 --data.init_args.max_eval_samples 300 --data.init_args.batch_size 16
         --model.optimizer.init_args.lr 0.002 --federation.rounds 8 --federation.progress false)
 
-run() {  # run DIR ARGS...: one fit into DIR (skipped when finished, resumed when interrupted)
-  local dir=$1; shift
+run() {  # run DIR RULE ARGS...: one fit into DIR (skipped when finished, resumed when interrupted)
+  local dir=$1 rule=$2; shift 2
   [[ -f $dir/summary.json ]] && return 0
   mkdir -p "$(dirname "$dir")"
   local resume=()
   [[ -f $dir/checkpoints/last.ckpt ]] && resume=(--ckpt_path last)
   echo "start $dir"
-  python -m fedmoe.cli fit "$@" "${COMMON[@]}" --trainer.default_root_dir "$dir" "${resume[@]}" > "$dir.log" 2>&1 \
+  python -m fedmoe.cli fit --config "experiments/glue/$rule.yaml" "${COMMON[@]}" "$@" --trainer.default_root_dir "$dir" \
+    "${resume[@]}" > "$dir.log" 2>&1 \
     && echo "done  $dir" || echo "FAILED $dir (see $dir.log)"
 }
 
 throttle() { while (( $(jobs -rp | wc -l) >= 2 )); do wait -n; done; }
 
-for split in iid dirichlet; do
-  for rule in fedit fedex ffa fedsa flora hetlora centralized fedex_vera sorf_vera; do
-    [[ $rule == centralized && $split == dirichlet ]] && continue
-    throttle
-    run "$OUT/sst2_$split/$rule" --config "experiments/glue/$rule.yaml" --data.init_args.partition "$split" &
-  done
-done
-for r in 16 64; do
-  throttle
-  run "$OUT/sst2_iid/fedex_r$r" --config experiments/glue/fedex.yaml \
-    --model.network_kwargs.adapter "{type: lora, r: $r, alpha: $((2 * r)), dropout: 0.1, target_modules: [query, value]}" &
-done
+sst2() { run "$OUT/sst2_$1/$2" "$2" --data.init_args.partition "$1"; }
+rank() { run "$OUT/sst2_iid/fedex_r$1" fedex --data.init_args.partition iid \
+           --model.network_kwargs.adapter "{type: lora, r: $1, alpha: $((2 * $1)), dropout: 0.1, target_modules: [query, value]}"; }
+rte() { run "$OUT/rte_iid/$1" "$1" --data.init_args.task rte --data.init_args.max_length 128 \
+          --data.init_args.max_train_samples 400 --data.init_args.max_eval_samples 200; }
+
+# in order of priority: every rule on SST-2 IID, the LoRA rules on SST-2 Dirichlet(0.5), the rank
+# sweep, three RTE runs, then the VeRA rules on Dirichlet
+for rule in fedit fedex ffa fedsa flora hetlora centralized fedex_vera sorf_vera; do throttle; sst2 iid $rule & done
+for rule in fedit fedex ffa fedsa flora hetlora; do throttle; sst2 dirichlet $rule & done
+for r in 16 64; do throttle; rank $r & done
+for rule in fedit fedex centralized; do throttle; rte $rule & done
+for rule in fedex_vera sorf_vera; do throttle; sst2 dirichlet $rule & done
 wait
