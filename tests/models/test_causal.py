@@ -276,8 +276,11 @@ def test_bf16_base_keeps_fp32_adapters_and_trains():
 
 def test_training_without_batches_or_response_tokens_is_a_data_error():
     model = experts()
-    with pytest.raises(DataError, match="the training batches are empty"):
+    with pytest.raises(DataError, match="the training batches are empty or have no response tokens"):
         model.train_steps("python", [], steps=1)
+    prompt_only = ({"input_ids": TOKENS, "attention_mask": torch.ones_like(TOKENS)}, torch.full_like(TOKENS, -100))
+    with pytest.raises(DataError, match="have no response tokens"):
+        model.train_steps("python", [prompt_only], steps=1)
     with pytest.raises(DataError, match="no response tokens"):
         model.heldout_loss(None, [])
 

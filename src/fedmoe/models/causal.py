@@ -197,7 +197,7 @@ class ExpertModel(nn.Module):
         k = self.correction_rank
         corr_cfg = LoraConfig(task_type="CAUSAL_LM", r=k, lora_alpha=k, lora_dropout=0.0, target_modules=targets)
         with torch.random.fork_rng(devices=[], enabled=spec.init_seed is not None), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(already added|is_gradient_checkpointing|target_modules).*")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             if spec.init_seed is not None:
                 torch.manual_seed(spec.init_seed)
             self.peft = get_peft_model(base, expert_cfg, adapter_name=self.experts[0])
@@ -354,19 +354,20 @@ class ExpertModel(nn.Module):
         losses: list[float] = []
         tokens = response = 0
         start = time.perf_counter()
-        iterator = iter(batches)
+        iterator, stepped = iter(batches), False
         while len(losses) < steps:
             try:
                 inputs, labels = next(iterator)
             except StopIteration:
-                if not losses and tokens == 0:
-                    raise DataError("the training batches are empty; give the worker data") from None
-                iterator = iter(batches)
+                if not stepped:
+                    raise DataError("the training batches are empty or have no response tokens; give the worker data") from None
+                iterator, stepped = iter(batches), False
                 continue
             n_resp = int((labels != IGNORE_INDEX).sum())
-            tokens += int(inputs["attention_mask"].sum())
             if n_resp == 0:
                 continue
+            stepped = True
+            tokens += int(inputs["attention_mask"].sum())
             response += n_resp
             loss = self.peft(**inputs, labels=labels, use_cache=False).loss
             opt.zero_grad(set_to_none=True)
