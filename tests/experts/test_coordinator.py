@@ -258,3 +258,56 @@ def test_registering_a_bad_adapter_names_the_problem():
     c.register("python", adapter(0), LAYERS)
     with pytest.raises(ConfigError, match="already registered"):
         c.register("python", {k: v[:2] if "lora_A" in k else v[:, :2] for k, v in adapter(0).items()}, LAYERS)
+
+
+def test_sync_round_with_flora_moves_the_exact_sum_into_the_correction_and_restarts_the_adapter():
+    c = coordinator(mode="sync", rule="flora", round_size=2)
+    v0 = c.snapshot("python")
+    ups = [(adapter(1), 2), (adapter(2), 1)]
+    for i, (w, n) in enumerate(ups):
+        c.push(Update("python", f"w{i}", 0, w, num_samples=n))
+    snap = c.snapshot("python")
+    models = [worker_effective(v0, w) for w, _ in ups]
+    corr_only = {x.name: snap.correction[x.name][0] @ snap.correction[x.name][1] for x in LAYERS}
+    close(corr_only, {k: 2 / 3 * models[0][k] + 1 / 3 * models[1][k] for k in models[0]})
+    assert all(torch.count_nonzero(snap.adapter[x.b_key]) == 0 for x in LAYERS)
+
+
+def test_ffa_refuses_an_update_that_trained_the_frozen_a():
+    c = coordinator(mode="sync", rule="ffa")
+    moved = {**adapter(0), "l0.lora_B.weight": torch.zeros(16, 4, dtype=torch.float64)}
+    assert c.push(Update("python", "ok", 0, moved)).status == "pending"
+    receipt = c.push(Update("python", "bad", 0, adapter(1)))
+    assert receipt.status == "refused" and "frozen" in receipt.reason
+
+
+def test_hetlora_accepts_lower_ranks_and_refuses_mismatched_ones():
+    c = coordinator(mode="sync", rule="hetlora", round_size=2)
+    low = {k: (v[:2] if "lora_A" in k else v[:, :2]) for k, v in adapter(1).items()}
+    assert c.push(Update("python", "small", 0, low)).status == "pending"
+    bad = {**adapter(2), "l0.lora_A.weight": adapter(2)["l0.lora_A.weight"][:3]}
+    assert "rank" in c.push(Update("python", "bad", 0, bad)).reason
+    assert c.push(Update("python", "full", 0, adapter(3))).status == "applied"
+
+
+def test_blob_bytes_written_before_a_kill_without_their_index_line_are_dropped(tmp_path):
+    kw = dict(mode="fedasync", snapshot_every=100)
+    c = coordinator(tmp_path, **kw)
+    c.push(Update("python", "w", 0, adapter(1)))
+    acknowledged = _state(c)
+    c.close()
+    blob = next((tmp_path / "python").glob("log-*.bin"))
+    with open(blob, "ab") as f:  # the next record's tensors reached the disk, its index line did not
+        f.write(b"\x00" * 300)
+    resumed = ExpertCoordinator(str(tmp_path), **kw)
+    _same(_state(resumed), acknowledged)
+    assert resumed.push(Update("python", "w", 1, adapter(2))).seq == 2
+    resumed.close()
+    _same(_state(ExpertCoordinator(str(tmp_path), **kw)), _state(resumed))
+
+
+def test_snapshot_is_a_copy_the_caller_may_change():
+    c = coordinator()
+    snap = c.snapshot("python")
+    snap.adapter["l0.lora_A.weight"].zero_()
+    assert torch.count_nonzero(c.snapshot("python").adapter["l0.lora_A.weight"]) > 0

@@ -297,7 +297,7 @@ class ExpertCoordinator:
         buffer_size: int = 4,
         server_lr: float = 1.0,
         round_size: int = 2,
-        rank_budget: int = 64,
+        rank_budget: int = 32,
         rank_slack: int = 0,
         history: int = 32,
         snapshot_every: int = 100,
