@@ -197,6 +197,26 @@ def test_load_expert_round_trips_state_and_corrections():
     assert torch.allclose(logits(target, "python"), logits(source, "python"), atol=1e-6)
     target.load_expert("python", source.expert_state("python"))  # no factors: zero correction
     assert all(torch.count_nonzero(u) == 0 for u, _ in target.correction_factors("python").values())
+    rank0 = {name: (torch.zeros(u.shape[0], 0), torch.zeros(0, v.shape[1]))
+             for name, (u, v) in source.correction_factors("python").items()}
+    target.load_corrections("python", rank0)  # a correction of rank 0 (none yet) is a zero correction
+    assert all(torch.count_nonzero(u) == 0 for u, _ in target.correction_factors("python").values())
+
+
+def test_a_coordinator_snapshot_loads_into_a_worker_with_the_same_effective_deltas():
+    from fedmoe.experts.coordinator import ExpertCoordinator, Update
+
+    server, worker = experts(rank=8), experts(rank=8)
+    coordinator = ExpertCoordinator(mode="fedasync", rank_budget=8)
+    coordinator.register("python", server.expert_state("python"), server.adapted_layers("python"))
+    for seed in (6, 7):  # two updates from version 0: the second is stale, its mix leaves a residual
+        randomise(worker, "python", seed)
+        coordinator.push(Update("python", f"w{seed}", 0, worker.expert_state("python")))
+    snap = coordinator.snapshot("python")
+    assert snap.version == 2 and any(torch.count_nonzero(u) for u, _ in snap.correction.values())
+    server.load_expert("python", snap.adapter, snap.correction)
+    for layer in server.adapted_layers("python"):
+        assert torch.allclose(server.effective_delta("python", layer.name), snap.delta(layer.name).float(), atol=1e-5)
 
 
 def test_bad_adapter_state_and_corrections_are_data_errors():
