@@ -104,7 +104,7 @@ class Correction:
 
     def factors(self, layer: str, d_out: int, d_in: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(U, V) with U V = C for one layer (coefficients folded into U); rank 0 gives empty factors."""
-        us = [b.factors[layer][0] * c for c, b in self.terms if layer in b.factors]
+        us = [b.factors[layer][0] * c if c != 1.0 else b.factors[layer][0] for c, b in self.terms if layer in b.factors]
         vs = [b.factors[layer][1] for c, b in self.terms if layer in b.factors]
         if not us:
             return torch.zeros(d_out, 0, dtype=dtype), torch.zeros(0, d_in, dtype=dtype)
@@ -120,20 +120,25 @@ def compress_correction(
     (energy, dropped energy)."""
     factors: Factors = {}
     report: dict[str, tuple[float, float]] = {}
-    groups: dict[tuple[int, int, int], list[str]] = {}
+    groups: dict[tuple, list[str]] = {}
     for layer in layers:
-        u, v = corr.factors(layer.name, *dims[layer.name], dtype)
-        if u.shape[1] <= budget:
-            factors[layer.name] = (u, v)
+        n = layer.name
+        if corr.rank(n) <= budget:
+            factors[n] = corr.factors(n, *dims[n], dtype)
         else:
-            factors[layer.name] = (u, v)
-            groups.setdefault((u.shape[0], u.shape[1], v.shape[1]), []).append(layer.name)
-    for names in groups.values():
-        u2, v2, energy, dropped = compress_batched(
-            torch.stack([factors[n][0] for n in names]), torch.stack([factors[n][1] for n in names]), budget
-        )
+            ranks = tuple(int(b.factors[n][0].shape[1]) if n in b.factors else 0 for _, b in corr.terms)
+            groups.setdefault((dims[n], ranks), []).append(n)
+    for (_, ranks), names in groups.items():
+        # stack the equally shaped layers block by block: a few large ops instead of many per layer
+        us, vs = [], []
+        for (c, b), k in zip(corr.terms, ranks):
+            if k:
+                u = torch.stack([b.factors[n][0] for n in names])
+                us.append(u if c == 1.0 else u * c)
+                vs.append(torch.stack([b.factors[n][1] for n in names]))
+        u2, v2, energy, dropped = compress_batched(torch.cat(us, dim=2).to(dtype), torch.cat(vs, dim=1).to(dtype), budget)
         for i, n in enumerate(names):
-            factors[n] = (u2[i].contiguous(), v2[i].contiguous())
+            factors[n] = (u2[i], v2[i])
             report[n] = (float(energy[i]), float(dropped[i]))
     return Correction(((1.0, Block(block_id, factors)),)), report
 
