@@ -40,8 +40,9 @@ def worker_effective(snap, weights) -> dict[str, torch.Tensor]:
 
 
 def close(a, b):
+    """Equal to float64 tolerance (torch.allclose: torch.testing's first call costs a second of imports)."""
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-10)
+        assert torch.allclose(a[k], b[k], rtol=1e-10, atol=1e-10), (k, (a[k] - b[k]).abs().max().item())
 
 
 def coordinator(tmp_path=None, **kw) -> ExpertCoordinator:
