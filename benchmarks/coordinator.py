@@ -7,7 +7,8 @@ pulled, and repeats. Every update is checked, mixed exactly (the residual goes i
 correction, re-compressed to ``--rank-budget`` when it exceeds budget + slack) and appended to the
 expert's log with fsync before ``push`` returns. Rows:
 
-- ``in memory, no compression``: no store, a rank budget never reached (checks and exact mixing);
+- ``in memory, rank unbounded``: no store, a rank budget never reached: no SVD, but every
+  correction grows by r per update (and each pull concatenates it);
 - ``in memory``: no store, corrections re-compressed to ``--rank-budget`` (QR + SVD per layer);
 - ``persisted``: the same on a store folder (``--dir``), fsync on: the figure of record;
 - ``disk``: the fsynced write bandwidth of this folder for update-sized blobs, and the update rate
@@ -126,7 +127,7 @@ def main() -> None:
     try:
         disk = disk_rate(folder, nbytes)
         rows = [
-            ("in memory, no compression", None, {**settings, "rank_budget": 100_000}, args.seconds / 3),
+            ("in memory, rank unbounded", None, {**settings, "rank_budget": 100_000}, args.seconds / 3),
             ("in memory", None, settings, args.seconds / 3),
             ("persisted", os.path.join(folder, "store"), settings, args.seconds),
         ]
