@@ -250,7 +250,8 @@ def compress_factors(
 
     Within budget (k <= rank) the factors are returned unchanged and nothing is dropped. Otherwise
     U = Q_u R_u and V^T = Q_v R_v (reduced QR), the small core R_u R_v^T = P S Q^T is decomposed, and
-    U' = Q_u P_b S_b, V' = (Q_v Q_b)^T keep the ``rank`` largest singular values: U V is never formed.
+    U' = Q_u P_b S_b, V' = (Q_v Q_b)^T keep the ``rank`` largest singular values: U V is never formed,
+    and Q_u, Q_v are applied as Householder products to the kept columns only (never formed either).
     Energy = ||U V||_F^2 = sum sigma_j^2; dropped = sum over the discarded sigma_j^2.
     """
     k = int(u.shape[1])
@@ -267,12 +268,20 @@ def compress_batched(
     V (L x k x d_in) to rank min(rank, k, d_out, d_in); returns (U', V', energy, dropped), the last
     two per layer (float64)."""
     dt = acc_dtype(u)
-    qu, ru = torch.linalg.qr(u.to(dt))
-    qv, rv = torch.linalg.qr(v.to(dt).mT)
-    p, sig, qt = torch.linalg.svd(ru @ rv.mT)
+    batch, d_out, k = u.shape
+    d_in = v.shape[-1]
+    # Householder QR without forming Q (geqrf): Q is applied to the few kept columns only (ormqr)
+    hu, tu = torch.geqrf(u.to(dt))
+    hv, tv = torch.geqrf(v.to(dt).mT.contiguous())
+    mu, mv = min(d_out, k), min(d_in, k)
+    p, sig, qt = torch.linalg.svd(hu[..., :mu, :].triu() @ hv[..., :mv, :].triu().mT)
     keep = min(rank, int(sig.shape[-1]))
-    u2 = qu @ (p[..., :keep] * sig[..., None, :keep])
-    v2 = (qv @ qt[..., :keep, :].mT).mT.contiguous()
+    left = torch.zeros(batch, d_out, keep, dtype=dt)
+    left[..., :mu, :] = p[..., :keep] * sig[..., None, :keep]
+    right = torch.zeros(batch, d_in, keep, dtype=dt)
+    right[..., :mv, :] = qt[..., :keep, :].mT
+    u2 = torch.ormqr(hu, tu, left)
+    v2 = torch.ormqr(hv, tv, right).mT.contiguous()
     sq = sig.double() ** 2
     return u2, v2, sq.sum(-1), sq[..., keep:].sum(-1)
 
