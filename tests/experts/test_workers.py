@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import peft  # noqa: F401  (imported at collection: its import is not a test's time)
 import pytest
@@ -207,6 +208,8 @@ def test_jobs_cost_steps_over_speed_plus_latency_and_faster_workers_push_more():
     assert fast == [0.5 * k for k in range(1, 9)]  # 1 step / speed 2
     assert slow == [1.5, 3.0, 4.5]  # 1 step + 0.5 s latency; the job started at 3.0 < 4 still pushes
     assert per["fast"]["applied"] > per["slow"]["applied"]
+    tokens = [ev.response_tokens for ev in history.events if ev.worker == "fast"]
+    assert tokens[0] != tokens[1] and tokens[::2] == [tokens[0]] * 4  # each job continues the worker's data
     times = [(ev.time, ["fast", "slow", "db"].index(ev.worker)) for ev in history.events]
     assert times == sorted(times)  # event order: time, then worker position
 
@@ -257,13 +260,51 @@ def test_flush_applies_the_partial_rounds_left_at_the_end():
     assert history.counts()["flushed"] >= 1
 
 
-# ------------------------------------------------------------------------------------ wall clock, models
+# ------------------------------------------------------------------------------------ clocks, models
 
 
-def test_a_wall_clock_run_with_two_threads_completes_and_loses_no_update():
+def test_simulated_clock_orders_events_by_time_then_position():
+    clock, seen = SimulatedClock(step_cost=0.5), []
+
+    def proc(name, waits):
+        for w in waits:
+            seen.append((clock.now(), name))
+            yield w
+        seen.append((clock.now(), name))
+
+    clock.run([proc("a", [1.0, 1.0]), proc("b", [2.0]), proc("c", [0.5, 1.5])])
+    assert seen == [(0.0, "a"), (0.0, "b"), (0.0, "c"), (0.5, "c"), (1.0, "a"), (2.0, "a"), (2.0, "b"), (2.0, "c")]
+    assert clock.delay(steps=3, speed=2.0, latency=0.25, measured=9.0) == 0.75 + 0.25
+
+
+def test_wall_clock_slows_slow_workers_runs_threads_and_reraises_a_workers_error():
+    clock = WallClock()
+    assert clock.delay(steps=1, speed=0.5, latency=0.1, measured=2.0) == pytest.approx(2.1)
+    assert clock.delay(steps=1, speed=4.0, latency=0.1, measured=2.0) == pytest.approx(0.1)
+    names = set()
+
+    def ok():
+        while not clock.stopped():
+            names.add(threading.current_thread().name)
+            yield 0.01
+
+    def bad():
+        yield 0.01
+        raise RuntimeError("worker crashed")
+
+    with pytest.raises(RuntimeError, match="worker crashed"):
+        clock.run([ok(), bad()])
+    assert names == {"fedmoe-worker-0"} and clock.stopped()
+    with pytest.raises(ConfigError, match=r"torch_threads must be an integer >= 1"):
+        WallClock(0)
+
+
+
+@pytest.mark.parametrize("copies", [True, False], ids=["model-per-worker", "one-shared-model"])
+def test_a_wall_clock_run_with_two_threads_completes_and_loses_no_update(copies):
     model = expert_model()
     pair = [WorkerSpec("a", "python"), WorkerSpec("b", "sql", speed=0.5, latency=0.01)]
-    pool = ModelPool.per_worker(model, pair)
+    pool = ModelPool.per_worker(model, pair) if copies else model
     coordinator = ExpertCoordinator(None, mode="fedasync", rank_budget=8)
     threads = torch.get_num_threads()
     history = run_federation(coordinator, pool, pair, data_for(pair), WallClock(), 0.3, steps_per_update=1, lr=1e-2)

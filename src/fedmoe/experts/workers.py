@@ -104,7 +104,7 @@ DEFAULT_EXPERTS: tuple[str, ...] = ("python", "sql", "docs")
 
 
 def parse_worker(text: str) -> WorkerSpec:
-    """A worker from the command line's ``ID:EXPERT:SPEED``."""
+    """A worker from the command line's ``ID:EXPERT:SPEED``; SPEED is a rate (2 = twice as fast)."""
     parts = [p.strip() for p in str(text).split(":")]
     if len(parts) != 3:
         raise ConfigError(f"--worker {text!r} has {len(parts)} field(s); use {WORKER_FORMAT}")
@@ -112,7 +112,9 @@ def parse_worker(text: str) -> WorkerSpec:
     try:
         value = float(speed)
     except ValueError:
-        raise ConfigError(f"--worker {text!r}: worker {wid!r} field 'speed' is {speed!r}, not a number; use {WORKER_FORMAT}") from None
+        raise ConfigError(
+            f"--worker {text!r}: worker {wid!r} field 'speed' is {speed!r}, not a number; use {WORKER_FORMAT}"
+        ) from None
     return WorkerSpec(wid, expert, value)
 
 
@@ -167,7 +169,9 @@ def resolve_workers(specs: Sequence[WorkerSpec], experts: Sequence[str]) -> list
         if name not in experts and name.removesuffix("_expert") in experts:
             name = name.removesuffix("_expert")
         if name not in experts:
-            raise ConfigError(f"worker {spec.id!r} field 'specialty': unknown expert {spec.specialty!r}; experts: {', '.join(experts)}")
+            raise ConfigError(
+                f"worker {spec.id!r} field 'specialty': unknown expert {spec.specialty!r}; experts: {', '.join(experts)}"
+            )
         out.append(replace(spec, specialty=name) if name != spec.specialty else spec)
     return out
 
@@ -189,7 +193,9 @@ def _check_device(spec: WorkerSpec) -> torch.device:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:
-            raise ConfigError(f"worker {spec.id!r} field 'device' is {spec.device!r}, but this machine has {count} CUDA device(s)")
+            raise ConfigError(
+                f"worker {spec.id!r} field 'device' is {spec.device!r}, but this machine has {count} CUDA device(s)"
+            )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"worker {spec.id!r} field 'device' is 'mps', which this machine does not have")
     return _device(dev)
