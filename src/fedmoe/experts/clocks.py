@@ -12,7 +12,10 @@ and pushes when resumed again. The same processes run on either clock:
   with ``torch_threads`` intra-op threads, one by default: oversubscribed OpenMP threads slow
   training several-fold). The measured compute time m is real; a worker slower than the hardware
   (speed < 1) sleeps m (1 / speed - 1) more, a faster one cannot be sped up (speed > 1 waits 0);
-  the latency is slept before the push.
+  the latency is slept before the push. Threads, not processes: torch releases the GIL inside its
+  kernels, and the coordinator (one lock per expert) is shared in memory, with no IPC. Workers
+  sharing one model take turns on it (:class:`~fedmoe.experts.workers.ModelPool`); with one worker
+  per GPU, or a model copy per CPU worker, they train at the same time.
 """
 
 from __future__ import annotations
