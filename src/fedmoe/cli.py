@@ -111,6 +111,7 @@ def builtins_epilog() -> str:
         + ", or a dotted class path. Data modules (--data NAME): "
         + ", ".join(f"{c.__name__} ({c.__module__})" for c in data)
         + ". Other Lightning Trainer arguments have no effect in federated runs and are refused."
+        + " Federated LoRA experts on a causal LM: python -m fedmoe.cli experts --help."
     )
 
 
@@ -605,6 +606,10 @@ def main(args: list[str] | None = None) -> int:
     for noisy in ("lightning", "lightning.fabric", "lightning.pytorch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["experts"]:  # federated LoRA experts on a causal LM: its own parser
+        from fedmoe.experts.command import main as experts_main
+
+        return experts_main(argv[1:])
     try:
         configs = check_config_files(argv)
         cli_class = _build_cli_class(argv, configs)

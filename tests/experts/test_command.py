@@ -1,0 +1,193 @@
+"""The ``experts`` command end to end on a tiny Qwen2 saved to a folder: the three phases, the
+metrics CSVs and TensorBoard events, every push accounted for, resume on the same run folder, and
+bad input as one ``error:`` line with exit code 2."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import peft  # noqa: F401  (imported at collection: its import is not a test's time)
+import pytest
+
+from fedmoe.cli import main
+from fedmoe.experts.command import _gather_workers, route
+from fedmoe.models.causal import build_causal_lm, tiny_causal_config
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+WORDS = ("write a python function to add two numbers def add ( a , b ) : return + select * from table where "
+         "sql query users").split()
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+ALPACA = [
+    {"instruction": "Write a python function to add two numbers", "input": "", "output": "def add ( a , b ) : return a + b"},
+    {"instruction": "Write a python function to add a", "input": "", "output": "def add ( a ) : return a + a"},
+    {"instruction": "Write a SQL query to select users", "input": "", "output": "SELECT * from users"},
+    {"instruction": "Write a SQL query to select from table", "input": "", "output": "SELECT a from table where b"},
+    {"instruction": "Write a SQL query on table", "input": "", "output": "SELECT * from table"},
+    {"instruction": "Write a SQL query for users where a", "input": "", "output": "SELECT a from users where a"},
+]
+MBPP = [
+    {"text": "Write a function to add two numbers", "code": "def add ( a , b ) :\r\n  return a + b", "task_id": i,
+     "test_list": ["add ( a , b )"]}
+    for i in range(1, 5)
+]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate([*SPECIALS, *dict.fromkeys(WORDS)])}
+    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=SPECIALS[4:],
+    )
+    tok.chat_template = CHAT
+    return tok
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny Qwen2 folder (with its word tokenizer), Code Alpaca and MBPP fixtures, a config file."""
+    root = tmp_path_factory.mktemp("experts")
+    base = root / "base"
+    build_causal_lm(tiny_causal_config("qwen2", 64, initializer_range=0.2), seed=0).save_pretrained(base)
+    word_tokenizer().save_pretrained(base)
+    (root / "alpaca.json").write_text(json.dumps(ALPACA))
+    (root / "mbpp.jsonl").write_text("\n".join(json.dumps(r) for r in MBPP) + "\n")
+    config = root / "experts.yaml"
+    config.write_text(
+        f"model:\n  base: {base}\n  lora: {{r: 4, alpha: 8}}\n  correction_rank: 8\n"
+        f"data:\n  code_alpaca: {root / 'alpaca.json'}\n  mbpp: {root / 'mbpp.jsonl'}\n"
+        "  heldout_fraction: 0.25\n  max_length: 32\n  batch_size: 2\n"
+        "coordinator:\n  mode: fedasync\n  rank_budget: 8\n  fsync: false\n"
+        "clock:\n  name: simulated\n"
+        "experts: [python, sql]\nduration: 3\nlr: 0.01\neval_every: 2\nmax_new_tokens: 3\n"
+    )
+    return root
+
+
+ARGS = ["--worker", "fast:python:2", "--worker", "slow:python:1", "--worker=db:sql:1"]
+
+
+def run(files, run_dir, *extra, capsys=None):
+    code = main(["experts", "--config", str(files / "experts.yaml"), "--run_dir", str(run_dir), *ARGS, *extra])
+    out = capsys.readouterr() if capsys is not None else None
+    return code, out
+
+
+def rows(run_dir, expert):
+    with open(run_dir / f"metrics_{expert}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_prints_three_phases_writes_metrics_and_accounts_for_every_push_then_resumes(files, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, out = run(files, run_dir, capsys=capsys)
+    assert code == 0, out.err
+    text = out.out
+    phases = [text.index(f"== Phase {i}:") for i in (1, 2, 3)]
+    assert phases == sorted(phases)
+    assert "worker fast: expert python, speed 2 (a job 0.50s)" in text and "worker db: expert sql" in text
+    assert "expert python: version 0," in text and "held-out examples" in text
+    assert "fast -> python: applied v0 -> v1 (staleness 0)" in text
+    for label, expert in (("pure Python", "python"), ("Python + SQL", "sql"), ("Python + docs", None)):
+        line = text[text.index(f"[{label}]"):].splitlines()[1]
+        assert (f"served by expert {expert} (version" in line) if expert else ("served by the base model" in line)
+    # every push accounted for: jobs 0.5 s apart for fast, 1 s for slow and db, until t >= 3
+    python, sql = rows(run_dir, "python"), rows(run_dir, "sql")
+    jobs = [r for r in python if r["status"] != "eval"]
+    assert sum(r["worker"] == "fast" for r in jobs) == 6 and sum(r["worker"] == "slow" for r in jobs) == 3
+    assert all(r["status"] == "applied" for r in jobs)
+    assert [int(r["version"]) for r in jobs] == list(range(1, 10))
+    assert [r["status"] for r in python if r["status"] == "eval"] == ["eval", "eval"]
+    assert float(python[0]["heldout_loss"]) > 0 and python[-1]["version"] == "9"
+    assert sum(1 for r in python if r["heldout_loss"]) == 2 + 4  # start, end, versions 2, 4, 6, 8
+    assert sum(r["status"] == "applied" for r in sql) == 3
+    assert "this session: 12 pushed = 12 applied + 0 refused + 0 pending" in text
+    assert int(python[-1]["bytes_in"]) > 0 and int(python[-1]["bytes_persisted"]) > 0
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    assert (run_dir / "config.yaml").is_file()
+
+    code, out = run(files, run_dir, capsys=capsys)  # the same folder: resume
+    assert code == 0, out.err
+    assert "expert python: version 9 (resumed, session 2)" in out.out
+    python = rows(run_dir, "python")
+    assert python[-1]["version"] == "18" and python[-1]["session"] == "1"
+    assert float(python[-1]["time"]) >= 6.0  # the clock continues from the first session's end
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+    code, out = run(files, run_dir, "--coordinator.mix", "0.3", capsys=capsys)
+    assert code == 2 and out.err.count("\n") == 1
+    assert "error: run folder" in out.err and "coordinator.mix=0.6 (now 0.3)" in out.err
+
+
+def test_sync_mode_leaves_pending_updates_persisted_and_counted(files, tmp_path, capsys):
+    code, out = run(files, tmp_path / "run", "--coordinator.mode", "sync", "--coordinator.round_size", "4",
+                    "--duration", "1.5", capsys=capsys)
+    assert code == 0, out.err
+    assert "pending from v0 (waits for its round)" in out.out
+    assert "this session: 7 pushed = 4 applied + 0 refused + 3 pending" in out.out
+    assert "expert python: version 1, applied 4, refused 0, pending 1" in out.out
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--worker", "w:rust:1"], "worker 'w' field 'specialty': unknown expert 'rust'; experts: python, sql"),
+        (["--worker", "w:python"], "--worker 'w:python' has 2 field(s); use ID:EXPERT:SPEED"),
+        (["--worker", "w:python:fast"], "worker 'w' field 'speed' is 'fast', not a number"),
+        (["--model.base", "/nowhere/model"], "causal LM folder '/nowhere/model' does not exist or is not a folder"),
+        (["--duration", "0"], "--duration must be a finite number of seconds > 0"),
+        (["--coordinator.mode", "lazy"], 'Parser key "coordinator.mode"'),
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_code_2(files, tmp_path, capsys, extra, needle):
+    code = main(["experts", "--config", str(files / "experts.yaml"), "--run_dir", str(tmp_path / "run"), *ARGS, *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert needle in err
+
+
+@pytest.mark.parametrize(
+    ("records", "needle"),
+    [
+        ([{"id": "a", "specialty": "python", "sped": 2}], "worker 'a' has unknown field 'sped'"),
+        ({"id": "a"}, "expected a non-empty JSON list"),
+        ([{"id": "a", "specialty": "python", "speed": -1}], "worker 'a' field 'speed' must be a finite number > 0"),
+    ],
+)
+def test_worker_json_not_matching_the_schema_is_one_error_line(files, tmp_path, capsys, records, needle):
+    path = tmp_path / "workers.json"
+    path.write_text(json.dumps(records))
+    code = main(["experts", "--config", str(files / "experts.yaml"), "--run_dir", str(tmp_path / "run"),
+                 "--worker-json", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and needle in err
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_one_error_line(files, tmp_path, capsys):
+    code = main(["experts", "--config", str(files / "experts.yaml"), "--run_dir", str(tmp_path / "run"),
+                 "--model.base", "null", "--model.config", '{"model_type": "qwen2", "vocab_size": 16}',
+                 "--model.tokenizer", str(files / "base"), *ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "embeds only 16 tokens; use the model's own tokenizer" in err
+    assert not (tmp_path / "run" / "experts").exists()
+
+
+def test_repeated_worker_flags_become_one_list_and_the_router_uses_the_keyword_classifier():
+    assert _gather_workers(["--duration", "3", "--worker", "a:python:1", "--worker=b:sql:2"]) == [
+        "--duration", "3", "--worker", '["a:python:1", "b:sql:2"]'
+    ]
+    assert route("Write a Python function to sort a list", ["python", "sql"]) == ("python", "rule names-python")
+    assert route("Write a SQL query joining two tables", ["python", "sql"])[0] == "sql"
+    expert, why = route("Add docstrings to this function", ["python", "sql"])
+    assert expert is None and "domain 'docs' has no trained expert" in why
