@@ -86,11 +86,22 @@ def rows(run_dir, expert):
         return list(csv.DictReader(f))
 
 
-def test_a_run_prints_three_phases_writes_metrics_and_accounts_for_every_push_then_resumes(files, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    code, out = run(files, run_dir, capsys=capsys)
-    assert code == 0, out.err
-    text = out.out
+@pytest.fixture(scope="module")
+def first(files, tmp_path_factory):
+    """One run of the command (shared by the tests below, which read it in file order)."""
+    import contextlib
+    import io
+
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["experts", "--config", str(files / "experts.yaml"), "--run_dir", str(run_dir), *ARGS])
+    assert code == 0, err.getvalue()
+    return run_dir, out.getvalue()
+
+
+def test_a_run_prints_registration_training_and_inference_phases(first):
+    _, text = first
     phases = [text.index(f"== Phase {i}:") for i in (1, 2, 3)]
     assert phases == sorted(phases)
     assert "worker fast: expert python, speed 2 (a job 0.50s)" in text and "worker db: expert sql" in text
@@ -99,9 +110,12 @@ def test_a_run_prints_three_phases_writes_metrics_and_accounts_for_every_push_th
     for label, expert in (("pure Python", "python"), ("Python + SQL", "sql"), ("Python + docs", None)):
         line = text[text.index(f"[{label}]"):].splitlines()[1]
         assert (f"served by expert {expert} (version" in line) if expert else ("served by the base model" in line)
-    # every push accounted for: jobs 0.5 s apart for fast, 1 s for slow and db, until t >= 3
+
+
+def test_every_push_is_in_the_metrics_csv_with_held_out_losses_and_bytes(first):
+    run_dir, text = first
     python, sql = rows(run_dir, "python"), rows(run_dir, "sql")
-    jobs = [r for r in python if r["status"] != "eval"]
+    jobs = [r for r in python if r["status"] != "eval"]  # fast every 0.5 s, slow every 1 s, until t >= 3
     assert sum(r["worker"] == "fast" for r in jobs) == 6 and sum(r["worker"] == "slow" for r in jobs) == 3
     assert all(r["status"] == "applied" for r in jobs)
     assert [int(r["version"]) for r in jobs] == list(range(1, 10))
@@ -113,9 +127,12 @@ def test_a_run_prints_three_phases_writes_metrics_and_accounts_for_every_push_th
     assert int(python[-1]["bytes_in"]) > 0 and int(python[-1]["bytes_persisted"]) > 0
     events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and events[0].stat().st_size > 0
-    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "experts" / "python").is_dir()
 
-    code, out = run(files, run_dir, capsys=capsys)  # the same folder: resume
+
+def test_a_rerun_on_the_same_folder_resumes_the_experts_and_the_clock(first, files, capsys):
+    run_dir, _ = first
+    code, out = run(files, run_dir, capsys=capsys)
     assert code == 0, out.err
     assert "expert python: version 9 (resumed, session 2)" in out.out
     python = rows(run_dir, "python")
@@ -123,6 +140,9 @@ def test_a_run_prints_three_phases_writes_metrics_and_accounts_for_every_push_th
     assert float(python[-1]["time"]) >= 6.0  # the clock continues from the first session's end
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
+
+def test_a_rerun_with_other_settings_is_one_error_line(first, files, capsys):
+    run_dir, _ = first
     code, out = run(files, run_dir, "--coordinator.mix", "0.3", capsys=capsys)
     assert code == 2 and out.err.count("\n") == 1
     assert "error: run folder" in out.err and "coordinator.mix=0.6 (now 0.3)" in out.err

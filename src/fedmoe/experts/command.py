@@ -726,8 +726,8 @@ def run(cfg) -> None:
         for w in workers:
             n, tokens = prepared.sizes[w.id]
             job = cfg.steps_per_update / w.speed * (ksettings.step_cost if ksettings.name == "simulated" else 1.0)
-            cost = f"a job {job:.2f}s" if ksettings.name == "simulated" else f"rate {w.speed:g}"
-            print(f"  worker {w.id}: expert {w.specialty}, speed {w.speed:g} ({cost}), latency {w.latency:g}s, "
+            cost = f"a job {job:.2f}s" if ksettings.name == "simulated" else "a rate: slower workers wait longer"
+            print(f"  worker {w.id}: expert {w.specialty}, speed {w.speed:.3g} ({cost}), latency {w.latency:g}s, "
                   f"failure rate {w.failure_rate:g}, device {w.device}, data {n} examples ({tokens} response tokens)")
 
         print(f"== Phase 2: federated training ({duration:g}s on the {clock.name} clock, "
