@@ -139,6 +139,9 @@ def test_a_rerun_on_the_same_folder_resumes_the_experts_and_the_clock(first, fil
     assert python[-1]["version"] == "18" and python[-1]["session"] == "1"
     assert float(python[-1]["time"]) >= 6.0  # the clock continues from the first session's end
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    evals = [r for r in python if r["status"] == "eval"]  # session 0 start, end; session 1 start, end
+    assert evals[2]["version"] == evals[1]["version"] == "9"
+    assert evals[2]["heldout_loss"] == evals[1]["heldout_loss"]  # the same expert on the same held-out set
 
 
 def test_a_rerun_with_other_settings_is_one_error_line(first, files, capsys):

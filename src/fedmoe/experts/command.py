@@ -29,9 +29,10 @@ job and per held-out evaluation) and TensorBoard events (``tensorboard/``: per e
 training loss per job, held-out loss on its domain every ``eval_every`` versions and at the start
 and end of a session, staleness histogram, applied / refused per worker, bytes moved). Running the
 command again on the same folder resumes: every expert continues from its last applied update and
-the clock's time continues from the previous session's end (new data order and failure draws:
-session k uses seed + k). A folder written with other model, expert or coordinator settings is
-refused with one error line.
+the clock's time continues from the previous session's end (the same splits and held-out sets;
+new data order and failure draws: session k uses seed + k; an interrupted session records where
+its clock stopped). A folder written with other model, expert or coordinator settings is refused
+with one error line.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def experts(
         duration: seconds of the clock the federation runs for (a started job still finishes and pushes).
         steps_per_update: optimizer steps of one worker job.
         lr: the workers' AdamW learning rate.
-        seed: data splits, data order, failures (session k of a run folder uses seed + k).
+        seed: data splits and held-out sets; data order and failures use seed + k in session k of a run folder.
         run_dir: the run folder (store, metrics CSVs, TensorBoard events); rerun on it to resume.
         eval_every: held-out loss of an expert each time its version passes a multiple of this.
         flush: apply the partial sync rounds / FedBuff buffers left at the end (else they stay
@@ -389,8 +390,10 @@ class Prepared:
     heldout_sizes: dict[str, int]
 
 
-def prepare_data(settings: DataSettings, workers, tokenizer, seed: int) -> Prepared:
-    """Split each trained expert's domain over its workers (plus a held-out part) and tokenise."""
+def prepare_data(settings: DataSettings, workers, tokenizer, seed: int, order_seed: int | None = None) -> Prepared:
+    """Split each trained expert's domain over its workers (plus a held-out part) with ``seed`` and
+    tokenise; ``order_seed`` (default ``seed``) shuffles each worker's batches. A resumed session keeps
+    ``seed`` (the same held-out sets) and draws a new ``order_seed``."""
     from fedmoe.data.instructions import split_domains, tokenize_instructions
 
     for key, value, ok in (
@@ -410,7 +413,7 @@ def prepare_data(settings: DataSettings, workers, tokenizer, seed: int) -> Prepa
         part = splits[w.specialty].workers[position[w.specialty]]
         position[w.specialty] += 1
         ds = tokenize_instructions(part, tokenizer, settings.max_length, settings.template)
-        train[w.id] = _loader(ds, settings.batch_size, shuffle_seed=seed * 1009 + i)
+        train[w.id] = _loader(ds, settings.batch_size, shuffle_seed=(seed if order_seed is None else order_seed) * 1009 + i)
         sizes[w.id] = (len(ds), ds.num_response_tokens)
     heldout, heldout_sizes = {}, {}
     for e in order:
@@ -702,7 +705,7 @@ def run(cfg) -> None:
     print("== Phase 1: expert registration and worker spin-up ==", flush=True)
     t0 = time.perf_counter()
     model, tokenizer, described = load_model(msettings, expert_names, int(cfg.seed))
-    prepared = prepare_data(dsettings, workers, tokenizer, seed)
+    prepared = prepare_data(dsettings, workers, tokenizer, int(cfg.seed), seed)
     root.mkdir(parents=True, exist_ok=True)
     coord_kwargs = {k: v for k, v in asdict(csettings).items()}
     coordinator = ExpertCoordinator(str(root / "experts"), seed=int(cfg.seed), **coord_kwargs)
@@ -746,6 +749,7 @@ def run(cfg) -> None:
             recorder.finish()
         except BaseException:
             recorder.close()
+            folder.end(clock.now(), coordinator.counts())  # a rerun's clock continues from here
             raise
         counts = coordinator.counts()
         folder.end(clock.now(), counts)
@@ -764,8 +768,9 @@ def run(cfg) -> None:
 
         print("== Phase 3: inference on sample prompts (keyword router) ==", flush=True)
         prompts = [(f"prompt {i + 1}", p) for i, p in enumerate(cfg.prompts)] if cfg.prompts else list(SAMPLE_PROMPTS)
+        available = [e for e in expert_names if e in coordinator.experts()]  # trained now or in an earlier session
         for label, prompt in prompts:
-            expert, why = route(prompt, trained)
+            expert, why = route(prompt, available)
             if expert is not None:
                 snap = coordinator.snapshot(expert, copy=False)
                 model.load_expert(expert, snap.adapter, snap.correction)
