@@ -160,6 +160,25 @@ def test_sync_mode_leaves_pending_updates_persisted_and_counted(files, tmp_path,
     assert "expert python: version 1, applied 4, refused 0, pending 1" in out.out
 
 
+def test_failed_jobs_from_a_worker_file_are_printed_and_counted(files, tmp_path, capsys):
+    path = tmp_path / "workers.json"
+    path.write_text(json.dumps([
+        {"id": "p", "specialty": "python", "speed": 2.0, "latency": 0.5},
+        {"id": "q", "specialty": "sql", "failure_rate": 0.85},
+    ]))
+    code = main(["experts", "--config", str(files / "experts.yaml"), "--run_dir", str(tmp_path / "run"),
+                 "--worker-json", str(path)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "worker p: expert python, speed 2 (a job 0.50s), latency 0.5s" in out.out
+    sql = [r for r in rows(tmp_path / "run", "sql") if r["status"] != "eval"]
+    failed = sum(r["status"] == "failed" for r in sql)
+    assert len(sql) == 3 and 0 < failed < 3 and out.out.count("q -> sql: failed (a drawn failure") == failed
+    python = [r for r in rows(tmp_path / "run", "python") if r["status"] != "eval"]
+    assert [r["time"] for r in python] == ["1", "2", "3"]  # 1 step at speed 2 + 0.5 s latency
+    assert f"{3 - failed + 3} pushed = {3 - failed + 3} applied" in out.out
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [

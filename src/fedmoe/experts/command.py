@@ -526,6 +526,7 @@ class Recorder:
         self.pushes: dict[str, int] = {}
         self.evaluated: dict[str, int] = {}
         self.last_loss: dict[str, float] = {}
+        self.closed = False
         for name in self.heldout:
             path = root / f"metrics_{name}.csv"
             new = not path.is_file() or path.stat().st_size == 0
@@ -541,7 +542,7 @@ class Recorder:
         m = model if model is not None else self.model
         snap = self.coord.snapshot(expert, copy=False)
         m.load_expert(expert, snap.adapter, snap.correction)
-        loss = m.heldout_loss(expert, self.heldout[expert])
+        loss = m.heldout_loss(expert, _on_device(self.heldout[expert], next(m.parameters()).device))
         self.evaluated[expert] = snap.version
         self.last_loss[expert] = loss
         self.writer.add_scalar(f"{expert}/heldout_loss", loss, snap.version)
@@ -567,6 +568,8 @@ class Recorder:
             self.print(f"  {label} held-out loss of {name} (version {version}): {loss:.4f}")
 
     def __call__(self, ev) -> None:
+        if self.closed:  # a wall-clock worker finishing its job after an interrupt
+            return
         expert = ev.expert
         if ev.status == "flushed":
             self.print(f"  [{self.offset + ev.time:9.2f}s] {expert}: partial round applied at the end -> v{ev.version}")
@@ -605,6 +608,7 @@ class Recorder:
         self.close()
 
     def close(self) -> None:
+        self.closed = True
         self.writer.flush()
         self.writer.close()
         for f in self.files.values():
@@ -612,6 +616,14 @@ class Recorder:
 
     def print(self, text: str) -> None:
         print(text, file=self.out, flush=True)
+
+
+def _on_device(batches, device):
+    """The ``(inputs, labels)`` batches moved to ``device`` as they are read."""
+    for inputs, labels in batches:
+        if device.type != "cpu":
+            inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
+        yield inputs, labels
 
 
 def _event_line(ev, offset: float) -> str:
