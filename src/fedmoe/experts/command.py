@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import os
 import sys
@@ -54,7 +53,6 @@ import numpy as np
 
 from fedmoe.errors import CheckpointError, ConfigError, DataError, FedMoEError
 
-log = logging.getLogger("fedmoe.experts")
 
 SAMPLE_PROMPTS: tuple[tuple[str, str], ...] = (
     ("pure Python", "Write a Python function that returns the n-th Fibonacci number."),
