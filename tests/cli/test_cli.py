@@ -290,7 +290,9 @@ def test_cifar_missing_data_is_one_line(tmp_path, capsys):
 # -- real processes: Ctrl-C and a kill during a checkpoint write ---------------------------------------
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    """The child computes with this process's torch thread count: bit-identical comparisons with runs
+    made in this process need the same reduction order."""
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT / "src")}
 
 
 def test_ctrl_c_prints_one_line_with_the_checkpoint_and_the_resume_command(tmp_path):
