@@ -224,3 +224,27 @@ def check_factor_shapes(
                     f"rule {rule!r}: {_who(cid)}'s adapter of layer {layer.name!r} has A {tuple(a.shape)} and "
                     f"B {tuple(b.shape)}; expected A (r, {d_in}) and B ({d_out}, r) with the same r"
                 )
+
+
+def mixed_rank_start(
+    global_state: Mapping[str, torch.Tensor],
+    client_states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    layers: Sequence[LoRALayer],
+    client_ids: Sequence[int] | None,
+    rule: str,
+) -> tuple[list[float], StateDict]:
+    """The common start of the rules whose clients' ranks may differ (FLoRA, HetLoRA): checks the
+    uploads (the head with equal shapes, the adapters with free ranks), and returns the normalised
+    weights p and a new state with the head FedAvg'd."""
+    p = normalise(weights)
+    ids = list(client_ids) if client_ids is not None else list(range(len(client_states)))
+    bases = {layer.base_key for layer in layers}
+    adapters = adapter_keys(layers)
+    head = [k for k in global_state if k not in bases and k not in adapters]
+    check_uploads(client_states, head, rule, ids)
+    check_uploads(client_states, adapters, rule, ids, equal_shapes=False)
+    check_factor_shapes(client_states, layers, global_state, rule, ids)
+    new = dict(global_state)
+    new.update(mean_of_keys(client_states, p, head))
+    return p, new

@@ -29,13 +29,10 @@ from fedmoe.algorithms.base import ClientPlan, ClientResult, ServerContext, Serv
 from fedmoe.algorithms.fusion import num_bytes
 from fedmoe.algorithms.lora.common import (
     BaseHistory,
-    check_factor_shapes,
-    check_uploads,
     factor_bytes,
     fold,
     layer_dims,
-    mean_of_keys,
-    normalise,
+    mixed_rank_start,
 )
 from fedmoe.algorithms.lora.layout import LoRALayer
 from fedmoe.algorithms.lora.rules import LoRARule, option, register_rule
@@ -60,16 +57,7 @@ def flora_aggregate(
     merges into the given base tensors instead of new ones. ``info``:
     per layer name, ``rank`` (sum r_i, the stacked rank), ``bytes`` and ``factors`` (smaller wire form).
     """
-    p = normalise(weights)
-    ids = list(client_ids) if client_ids is not None else list(range(len(client_states)))
-    bases = {layer.base_key for layer in layers}
-    adapters = {k for layer in layers for k in (layer.a_key, layer.b_key)}
-    head = [k for k in global_state if k not in bases and k not in adapters]
-    check_uploads(client_states, head, rule, ids)
-    check_uploads(client_states, adapters, rule, ids, equal_shapes=False)
-    check_factor_shapes(client_states, layers, global_state, rule, ids)
-    new = dict(global_state)
-    new.update(mean_of_keys(client_states, p, head))
+    p, new = mixed_rank_start(global_state, client_states, weights, layers, client_ids, rule)
     info: dict[str, Any] = {"rank": {}, "bytes": {}, "factors": {}}
     for layer in layers:
         base = global_state[layer.base_key]

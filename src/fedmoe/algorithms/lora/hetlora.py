@@ -42,10 +42,7 @@ from fedmoe.algorithms.base import ClientPlan, ClientResult, ServerContext, Serv
 from fedmoe.algorithms.fusion import num_bytes
 from fedmoe.algorithms.lora.common import (
     acc_dtype,
-    check_factor_shapes,
-    check_uploads,
-    mean_of_keys,
-    normalise,
+    mixed_rank_start,
 )
 from fedmoe.algorithms.lora.flora import check_ranks, truncate
 from fedmoe.algorithms.lora.layout import LoRALayer
@@ -76,16 +73,8 @@ def hetlora_aggregate(
     ``ranks[k]`` (optional) cuts them to their first ``ranks[k]`` ranks first. ``info["weights"]``:
     per layer name, the aggregation weights w_k.
     """
-    p = normalise(weights)
+    p, new = mixed_rank_start(global_state, client_states, weights, layers, client_ids, rule)
     ids = list(client_ids) if client_ids is not None else list(range(len(client_states)))
-    bases = {layer.base_key for layer in layers}
-    adapters = {k for layer in layers for k in (layer.a_key, layer.b_key)}
-    head = [k for k in global_state if k not in bases and k not in adapters]
-    check_uploads(client_states, head, rule, ids)
-    check_uploads(client_states, adapters, rule, ids, equal_shapes=False)
-    check_factor_shapes(client_states, layers, global_state, rule, ids)
-    new = dict(global_state)
-    new.update(mean_of_keys(client_states, p, head))
     info: dict[str, Any] = {"weights": {}}
     for layer in layers:
         ga, gb = global_state[layer.a_key], global_state[layer.b_key]
