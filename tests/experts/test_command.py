@@ -130,6 +130,18 @@ def test_every_push_is_in_the_metrics_csv_with_held_out_losses_and_bytes(first):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "experts" / "python").is_dir()
 
 
+def test_the_end_of_training_writes_the_domains_by_models_held_out_loss_table(first):
+    run_dir, text = first
+    with open(run_dir / "heldout_losses.csv", newline="") as f:
+        table = {r["domain"]: r for r in csv.DictReader(f)}
+    assert sorted(table) == ["python", "sql"] and list(table["python"]) == ["domain", "base", "python", "sql"]
+    # an expert's own domain row matches the last held-out loss its CSV recorded at the end
+    assert float(table["python"]["python"]) == pytest.approx(float(rows(run_dir, "python")[-1]["heldout_loss"]), rel=1e-5)
+    assert float(table["sql"]["sql"]) == pytest.approx(float(rows(run_dir, "sql")[-1]["heldout_loss"]), rel=1e-5)
+    assert all(float(v) > 0 for r in table.values() for k, v in r.items() if k != "domain")
+    assert "held-out loss, domains (rows) x models (columns)" in text
+
+
 def test_a_rerun_on_the_same_folder_resumes_the_experts_and_the_clock(first, files, capsys):
     run_dir, _ = first
     code, out = run(files, run_dir, capsys=capsys)
@@ -158,6 +170,15 @@ def test_sync_mode_leaves_pending_updates_persisted_and_counted(files, tmp_path,
     assert "pending from v0 (waits for its round)" in out.out
     assert "this session: 7 pushed = 4 applied + 0 refused + 3 pending" in out.out
     assert "expert python: version 1, applied 4, refused 0, pending 1" in out.out
+
+
+def test_sync_round_size_zero_makes_a_round_one_update_per_worker_of_the_expert(files, tmp_path, capsys):
+    code, out = run(files, tmp_path / "run", "--coordinator.mode", "sync", "--coordinator.round_size", "0", capsys=capsys)
+    assert code == 0, out.err
+    assert "a round = one update per worker of the expert" in out.out
+    sql = [r for r in rows(tmp_path / "run", "sql") if r["status"] == "applied"]
+    assert sql and all(r["staleness"] == "0" for r in sql)  # one worker: every update closes its round at once
+    assert [int(r["version"]) for r in sql] == list(range(1, len(sql) + 1))
 
 
 def test_failed_jobs_from_a_worker_file_are_printed_and_counted(files, tmp_path, capsys):

@@ -83,6 +83,18 @@ def test_fedbuff_applies_the_weighted_buffer_exactly():
     close(effective(c.snapshot("python")), target)
 
 
+def test_per_expert_round_sizes_close_each_experts_rounds_at_its_own_count():
+    c = coordinator(mode="sync", rule="fedex", round_size=3, round_sizes={"python": 1})
+    c.push(Update("python", "a", 0, adapter(1)))
+    assert c.version("python") == 1 and c.metrics("python")["pending"] == 0
+    assert c.config()["round_sizes"] == {"python": 1}
+
+
+def test_a_round_size_below_one_for_an_expert_is_refused():
+    with pytest.raises(ConfigError, match=r"round_sizes\['python'\] must be an integer >= 1"):
+        coordinator(mode="sync", round_sizes={"python": 0})
+
+
 def test_sync_round_with_fedex_equals_the_weighted_mean_of_worker_models():
     c = coordinator(mode="sync", rule="fedex", round_size=3)
     c.push(Update("python", "a", 0, adapter(1)))

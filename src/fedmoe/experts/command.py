@@ -152,7 +152,8 @@ class CoordinatorSettings:
         mix: FedAsync's w = mix * s(staleness).
         buffer_size: FedBuff's K updates per step.
         server_lr: FedBuff's server learning rate.
-        round_size: updates per sync round.
+        round_size: updates per sync round; 0: one update per worker of the expert (each expert's
+            round then waits for as many updates as it has workers).
         rank_budget: rank each expert's correction is compressed to (truncated SVD).
         rank_slack: compress only above rank_budget + rank_slack.
         history: versions kept to reconcile stale updates (older ones are refused, counted).
@@ -636,6 +637,47 @@ def _event_line(ev, offset: float) -> str:
     return head + f"applied v{ev.base_version} -> v{ev.version} (staleness {ev.staleness}), {tail}"
 
 
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def cross_domain_losses(model, coordinator, heldout: Mapping[str, Any], experts: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Held-out loss of the base and of every expert's current version on every domain's held-out set:
+    ``{domain: {"base": loss, expert: loss, ...}}`` (the domains x experts table)."""
+    device = next(model.parameters()).device
+    for name in experts:
+        snap = coordinator.snapshot(name, copy=False)
+        model.load_expert(name, snap.adapter, snap.correction)
+    table: dict[str, dict[str, float]] = {}
+    for domain, batches in heldout.items():
+        row = {"base": model.heldout_loss(None, _on_device(batches, device))}
+        for name in experts:
+            row[name] = model.heldout_loss(name, _on_device(batches, device))
+        table[domain] = row
+    return table
+
+
+def write_loss_table(path: Path, table: Mapping[str, Mapping[str, float]]) -> None:
+    """The domains x models table as CSV (``domain,base,<expert>...``), written atomically."""
+    from fedmoe.federation.checkpoint import atomic_write_text
+
+    models = list(next(iter(table.values())))
+    lines = [",".join(["domain", *models])]
+    lines += [",".join([domain, *(f"{row[m]:.6g}" for m in models)]) for domain, row in table.items()]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def format_loss_table(table: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Fixed-width lines of the table, the best model of each domain starred."""
+    models = list(next(iter(table.values())))
+    width = max(8, *(len(m) + 2 for m in models))
+    lines = ["domain".ljust(8) + "".join(m.rjust(width) for m in models)]
+    for domain, row in table.items():
+        best = min(row, key=row.get)
+        cells = "".join((f"{row[m]:.4f}" + ("*" if m == best else " ")).rjust(width) for m in models)
+        lines.append(domain.ljust(8) + cells)
+    return lines
+
+
 # ------------------------------------------------------------------------------------ inference
 
 
@@ -718,6 +760,11 @@ def run(cfg) -> None:
     prepared = prepare_data(dsettings, workers, tokenizer, int(cfg.seed), seed)
     root.mkdir(parents=True, exist_ok=True)
     coord_kwargs = {k: v for k, v in asdict(csettings).items()}
+    if csettings.round_size < 0:
+        raise ConfigError(f"coordinator.round_size must be >= 1, or 0 for one update per worker; got {csettings.round_size}")
+    if csettings.round_size == 0:
+        per_expert = Counter(w.specialty for w in workers)
+        coord_kwargs.update(round_size=max(per_expert.values()), round_sizes=dict(per_expert))
     coordinator = ExpertCoordinator(str(root / "experts"), seed=int(cfg.seed), **coord_kwargs)
     try:
         for name in trained:
@@ -725,7 +772,8 @@ def run(cfg) -> None:
         print(f"  {described} (loaded in {time.perf_counter() - t0:.1f}s)")
         mode = {"fedasync": f"mix {csettings.mix}, staleness {csettings.staleness}",
                 "fedbuff": f"buffer {csettings.buffer_size}, staleness {csettings.staleness}, server lr {csettings.server_lr}",
-                "sync": f"rule {csettings.rule}, {csettings.round_size} updates a round"}[csettings.mode]
+                "sync": f"rule {csettings.rule}, " + (f"{csettings.round_size} updates a round" if csettings.round_size
+                                                     else "a round = one update per worker of the expert")}[csettings.mode]
         print(f"  coordinator: {csettings.mode} ({mode}), rank budget {csettings.rank_budget}, store {root / 'experts'}")
         resumed = folder.session > 0
         for name in expert_names:
@@ -775,6 +823,11 @@ def run(cfg) -> None:
         for worker, c in history.per_worker().items():
             print(f"  worker {worker}: receipts " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
         print(f"  metrics: {', '.join(str(root / f'metrics_{n}.csv') for n in trained)}; TensorBoard: {root / 'tensorboard'}")
+        table = cross_domain_losses(model, coordinator, prepared.heldout, trained)
+        write_loss_table(root / "heldout_losses.csv", table)
+        print("  held-out loss, domains (rows) x models (columns); * marks each domain's best:")
+        for line in format_loss_table(table):
+            print(f"    {line}")
 
         print("== Phase 3: inference on sample prompts (keyword router) ==", flush=True)
         prompts = [(f"prompt {i + 1}", p) for i, p in enumerate(cfg.prompts)] if cfg.prompts else list(SAMPLE_PROMPTS)

@@ -283,6 +283,7 @@ class ExpertCoordinator:
         buffer_size: FedBuff's K.
         server_lr: FedBuff's eta_g.
         round_size: updates per sync round (:meth:`flush` closes a partial one).
+        round_sizes: per-expert overrides of ``round_size`` (e.g. one update per worker of the expert).
         rank_budget: rank of each layer's correction after compression.
         rank_slack: compress only when a layer's rank exceeds ``rank_budget + rank_slack``
             (fewer SVDs; the stored rank stays below budget + slack).
@@ -302,6 +303,7 @@ class ExpertCoordinator:
         buffer_size: int = 4,
         server_lr: float = 1.0,
         round_size: int = 2,
+        round_sizes: Mapping[str, int] | None = None,
         rank_budget: int = 32,
         rank_slack: int = 0,
         history: int = 32,
@@ -323,6 +325,11 @@ class ExpertCoordinator:
         ):
             if int(value) != value or value < low:
                 raise ConfigError(f"coordinator {key} must be an integer >= {low}, got {value!r}")
+        round_sizes = dict(round_sizes or {})
+        for name, value in round_sizes.items():
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ConfigError(f"coordinator round_sizes[{name!r}] must be an integer >= 1, got {value!r}")
+        self.round_sizes = {str(k): int(v) for k, v in sorted(round_sizes.items())}
         if not 0.0 <= float(mix) <= 1.0:
             raise ConfigError(f"coordinator mix must be in [0, 1], got {mix!r}")
         if not (math.isfinite(server_lr) and server_lr > 0):
@@ -346,6 +353,7 @@ class ExpertCoordinator:
         return {
             "mode": self.mode, "rule": self.rule, "staleness": self.staleness.to_dict(), "mix": self.mix,
             "buffer_size": self.buffer_size, "server_lr": self.server_lr, "round_size": self.round_size,
+            **({"round_sizes": self.round_sizes} if self.round_sizes else {}),
             "rank_budget": self.rank_budget, "rank_slack": self.rank_slack, "history": self.history,
             "seed": self.seed,
         }
@@ -596,7 +604,7 @@ class ExpertCoordinator:
             if 0.0 < w < 1.0:
                 corr, next_block = corr.plus(Block(next_block, factors)), next_block + 1
             return self._finish(e, adapter, corr, [], next_block, [upd])
-        size = self.round_size if self.mode == "sync" else self.buffer_size
+        size = self.round_sizes.get(e.name, self.round_size) if self.mode == "sync" else self.buffer_size
         if upd is not None and len(pending) < size:
             return _Change(e.adapter, e.version, None, pending, next_block, [])
         updates = [u for _, u in pending]
