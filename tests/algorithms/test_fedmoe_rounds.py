@@ -234,8 +234,18 @@ def test_replace_and_mean_options_drop_the_old_experts():
     for e in range(K):
         expected = hand_mix(part(before, f"experts.{e}."), clients, w_r[e], 0.0)
         assert_state_close(part(new["moe"], f"experts.{e}."), expected)
+    # the code's E_0 = 0.2 * sum of the 5 clients: the plain, unweighted mean
+    plain = [1.0 / len(clients)] * len(clients)
+    assert_state_close(part(new["moe"], "mains.0."), hand_mix(part(before, "mains.0."), clients, plain, 0.0))
+
+
+def test_weighted_mean_replaces_e0_by_the_sample_weighted_mean():
+    algo, ctx, state, results = setup_round(main_update="weighted_mean", server_schedule="pretrain_only")
+    before = clone(state["moe"])
+    new = algo.aggregate(state, results, ctx)
     shares = torch.tensor(SIZES, dtype=torch.float64) / sum(SIZES)
-    assert_state_close(part(new["moe"], "mains.0."), hand_mix(part(before, "mains.0."), clients, shares, 0.0))
+    expected = hand_mix(part(before, "mains.0."), [r.weights for r in results], shares, 0.0)
+    assert_state_close(part(new["moe"], "mains.0."), expected)
 
 
 def test_every_main_expert_is_updated_like_e0():

@@ -11,12 +11,15 @@ One round (DESIGN.md §2, the paper's Algorithm 1):
 * Stage C — S = Q^T P^T with the updated gate; W_c = softmax_col([(1 - alpha) 1; alpha S]);
   M_i <- lam M_i + (1 - lam) (W_c[0, i] E_0 + sum_e W_c[e, i] E_e).
 
-Every behaviour of the released code that can change a number is an option (``... | code``).
+Every behaviour of the released code that can change a number is an option (``... | code``);
+docs/fedmoe.md tabulates them against Algorithm 1 and each released folder, and
+``experiments/<data set>/fedmoe.yaml`` reproduces that folder.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Literal
 
 import torch
@@ -76,27 +79,40 @@ class FedMoE(Algorithm):
         top_k: experts chosen per sample.
         lam: lambda, the moving-average weight (the paper's ``--a``).
         iterations: T server iterations per round.
-        gate_value: ``probability`` | ``renormalised`` (code; no gate gradient for k = 1).
+        gate_value: ``probability`` | ``renormalised`` (g / sum of the top k) | ``code`` (softmax over
+            the top-k probabilities); for k = 1 the last two are exactly 1 (no gate gradient).
         alpha_init: initial alpha; alpha_clamp: clamp alpha to [0, 1].
         noisy_gate: add the learned gate noise G_n while training.
         gate_network: architecture of G and G_n (default: the client architecture, K-way head).
         w_ent, w_aux, label_smoothing, load, entropy_mode: the server loss (DESIGN.md §2).
         confidence: ``probability`` | ``logit`` (CIFAR code).
-        relevance_gate: ``soft`` | ``onehot`` (code: top-1 one-hot Q).
+        relevance_gate: ``soft`` (gate probabilities) | ``onehot`` (top-1 one-hot) | ``gates`` (the
+            forward's gate values g, eval mode: the code's Q, one-hot for k = 1 with ``code`` gates).
         relevance_norm: ``sum`` (paper, code) | ``mean``.
         relevance_temperature: tau dividing R before the softmax.
         expert_update: ``moving`` | ``replace`` (FEMNIST code: lambda = 1).
-        main_update: ``moving`` | ``mean`` (FEMNIST and CIFAR code: the plain mean of the clients).
+        main_update: ``moving`` | ``mean`` (FEMNIST and CIFAR code: the plain, unweighted mean of
+            the clients) | ``weighted_mean`` (sample-weighted mean, FedAvg's).
         main_epochs, main_lr: after its update, train each main expert alone on D_s for this many
-            epochs with Adam at ``main_lr`` (the CIFAR code: 20 epochs); 0 (default) skips it.
+            epochs with a fresh Adam at ``main_lr`` and plain cross-entropy (the CIFAR code: 20
+            epochs at the client learning rate); 0 (default) skips it.
         server_epochs: epochs of gate training per server step.
         server_schedule: ``every_iteration`` | ``pretrain_only`` (FEMNIST and Yelp code: one epoch before round 1).
-        train_experts_on_server: the CIFAR code trains the experts on D_s too.
-        gate_lr, alpha_lr, server_weight_decay, server_eps: the server optimizer (Adam).
+        train_experts_on_server: the CIFAR code trains the experts on D_s too, the routed experts at
+            ``expert_lr`` and the main expert(s) at ``main_server_lr``.
+        train_noise: whether the server step trains the noise net G_n (the CIFAR code leaves it out
+            of its optimizer).
+        gate_lr, alpha_lr, server_weight_decay, server_eps: the server optimizer (Adam). As in the
+            code, alpha and the main experts get no weight decay and Adam's default eps.
+        server_lr_schedule, server_lr_period, server_lr_gamma: the server learning rates over the
+            run's server steps (fits): ``constant``; ``cosine`` (CosineAnnealingLR with T_max =
+            period, the CIFAR code: 100 rounds x T = 5); ``step`` (times gamma every period fits).
         stage_c: ``paper`` | ``code`` (softmax over experts first; W_c nearly uniform).
         client_update: ``moving`` | ``replace`` (FEMNIST and Sent140 code: lambda = 0 in Stage C).
         common_init: start experts and main from the clients' common initialisation.
-        keep_best_iteration: continue from the iteration with the lowest validation loss.
+        keep_best_iteration: continue from the iteration with the lowest validation loss; false (the
+            code) continues from the last iteration and records the lowest-validation-loss state of
+            the whole run in ``state["best"]`` (evaluate it with :meth:`best_module`).
     """
 
     personalised = True
@@ -107,7 +123,8 @@ class FedMoE(Algorithm):
         "lam", "iterations", "alpha_init", "w_ent", "w_aux", "label_smoothing", "load", "entropy_mode",
         "confidence", "relevance_gate", "relevance_norm", "relevance_temperature", "expert_update",
         "main_update", "main_epochs", "main_lr", "server_epochs", "server_schedule", "train_experts_on_server",
-        "gate_lr", "alpha_lr", "server_weight_decay", "server_eps", "stage_c", "client_update", "common_init",
+        "expert_lr", "main_server_lr", "train_noise", "gate_lr", "alpha_lr", "server_weight_decay", "server_eps",
+        "server_lr_schedule", "server_lr_period", "server_lr_gamma", "stage_c", "client_update", "common_init",
         "keep_best_iteration",
     )
 
@@ -118,7 +135,7 @@ class FedMoE(Algorithm):
         top_k: int = 1,
         lam: float = 0.1,
         iterations: int = 1,
-        gate_value: Literal["probability", "renormalised"] = "probability",
+        gate_value: Literal["probability", "renormalised", "code"] = "probability",
         alpha_init: float = 0.5,
         alpha_clamp: bool = False,
         noisy_gate: bool = True,
@@ -126,23 +143,29 @@ class FedMoE(Algorithm):
         w_ent: float = 0.1,
         w_aux: float = 1.0,
         label_smoothing: float = 0.0,
-        load: Literal["count", "smooth"] = "count",
+        load: Literal["count", "smooth", "code"] = "count",
         entropy_mode: Literal["paper", "conditional", "code"] = "paper",
         confidence: Literal["probability", "logit"] = "probability",
-        relevance_gate: Literal["soft", "onehot"] = "soft",
+        relevance_gate: Literal["soft", "onehot", "gates"] = "soft",
         relevance_norm: Literal["sum", "mean"] = "sum",
         relevance_temperature: float = 1.0,
         expert_update: Literal["moving", "replace"] = "moving",
-        main_update: Literal["moving", "mean"] = "moving",
+        main_update: Literal["moving", "mean", "weighted_mean"] = "moving",
         main_epochs: int = 0,
-        main_lr: float = 5e-5,
+        main_lr: float = 1e-4,
         server_epochs: int = 1,
         server_schedule: Literal["every_iteration", "pretrain_only"] = "every_iteration",
         train_experts_on_server: bool = False,
+        expert_lr: float = 1e-4,
+        main_server_lr: float = 5e-5,
+        train_noise: bool = True,
         gate_lr: float = 1e-4,
         alpha_lr: float = 1e-3,
         server_weight_decay: float = 5e-4,
         server_eps: float = 1e-6,
+        server_lr_schedule: Literal["constant", "cosine", "step"] = "constant",
+        server_lr_period: int = 1,
+        server_lr_gamma: float = 0.1,
         stage_c: Literal["paper", "code"] = "paper",
         client_update: Literal["moving", "replace"] = "moving",
         common_init: bool = True,
@@ -186,6 +209,12 @@ class FedMoE(Algorithm):
             weight_decay=self.server_weight_decay,
             eps=self.server_eps,
             train_experts=self.train_experts_on_server,
+            expert_lr=self.expert_lr,
+            main_lr=self.main_server_lr,
+            experts_alpha_lr=self.alpha_lr,
+            train_noise=self.train_noise,
+            no_decay=("alpha", "mains"),
+            eps_groups=("gate", "experts"),
         )
 
     def _module_for(self, state: ServerState, ctx: ServerContext) -> ServerMoEModule:
@@ -211,9 +240,10 @@ class FedMoE(Algorithm):
             for expert in [*module.moe.experts, *module.moe.mains]:
                 expert.load_state_dict(template)
         self._module = module
-        state: ServerState = {"moe": _clone(module.moe.state_dict()), "optimizer": None, "stats": {}}
+        state: ServerState = {"moe": _clone(module.moe.state_dict()), "optimizer": None, "stats": {}, "server_fits": 0}
         if self.server_schedule == "pretrain_only":
-            state["optimizer"] = ctx.fit(module, ctx.server_train, 1, None)
+            state["optimizer"] = self._server_step(module, state, 1, None, ctx)
+            state["server_fits"] = 1
             state["moe"] = _clone(module.moe.state_dict())
         return state
 
@@ -229,33 +259,91 @@ class FedMoE(Algorithm):
         p = self.client_confidences(clients, ctx)
         lam_e = 1.0 if self.expert_update == "replace" else self.lam
         optimizer_state = state.get("optimizer")
-        best: tuple[float, dict, Any, dict] | None = None
+        fits = int(state.get("server_fits", 0))
+        rounds = int(state.get("rounds", 0)) + 1
+        record = state.get("best")
+        best: tuple[float, dict, Any, dict, dict] | None = None
         stats: dict[str, Any] = {}
+        val: dict[str, float] = {}
         for t in range(self.iterations):
             q = self.gate_relevance(moe, ctx)
             w_r = routing_weights(relevance(q, p, self.relevance_norm), self.relevance_temperature)
             for e, expert in enumerate(moe.experts):
                 expert.load_state_dict(mix(expert.state_dict(), clients, (lam_e * w_r[e]).tolist(), 1.0 - lam_e))
             for main in moe.mains:
-                if self.main_update == "mean":
-                    main.load_state_dict(weighted_average(clients, sizes.tolist(), base=main.state_dict()))
-                else:
-                    share = (self.lam * sizes / sizes.sum()).tolist()
-                    main.load_state_dict(mix(main.state_dict(), clients, share, 1.0 - self.lam))
+                main.load_state_dict(self._main_update(main.state_dict(), clients, sizes))
                 if self.main_epochs > 0:
                     self._train_alone(main, ctx)
             if self.server_schedule == "every_iteration":
-                optimizer_state = ctx.fit(module, ctx.server_train, self.server_epochs, optimizer_state)
+                optimizer_state = self._server_step(module, {"server_fits": fits}, self.server_epochs, optimizer_state, ctx)
+                fits += 1
             val = ctx.evaluate(module, ctx.val)
             stats = {"W_r": w_r, "val_loss": val["loss"], "iteration": t + 1}
-            if best is None or not self.keep_best_iteration or val["loss"] < best[0]:
-                best = (val["loss"], _clone(moe.state_dict()), copy.deepcopy(optimizer_state), stats)
-        _, moe_state, optimizer_state, stats = best
-        moe.load_state_dict(moe_state)
+            if not self.keep_best_iteration:
+                if record is None or val["loss"] < record["val_loss"]:
+                    record = {"val_loss": val["loss"], "round": rounds, "iteration": t + 1,
+                              "moe": _clone(moe.state_dict())}
+            elif best is None or val["loss"] < best[0]:
+                best = (val["loss"], _clone(moe.state_dict()), copy.deepcopy(optimizer_state), stats, val)
+        if best is not None:
+            _, moe_state, optimizer_state, stats, val = best
+            moe.load_state_dict(moe_state)
+        else:
+            moe_state = _clone(moe.state_dict())
         s = relevance(self.gate_relevance(moe, ctx), p, self.relevance_norm)
         w_c = sync_weights(s, float(moe.alpha_value().detach()), moe.num_main > 0, self.stage_c)
         stats = {**stats, "W_c": w_c, **self.gate_statistics(moe, ctx)}
-        return {**state, "moe": moe_state, "optimizer": optimizer_state, "stats": stats}
+        out = {**state, "moe": moe_state, "optimizer": optimizer_state, "stats": stats, "val": dict(val),
+               "server_fits": fits, "rounds": rounds}
+        if record is not None:
+            out["best"] = record
+        return out
+
+    def server_val_metrics(self, state: ServerState) -> dict[str, float] | None:
+        """The validation metrics of ``state``'s server model, measured in :meth:`aggregate` (None
+        before the first round), so that the engine need not evaluate the same model again."""
+        val = state.get("val")
+        return dict(val) if val else None
+
+    def best_module(self, state: ServerState, ctx: ServerContext) -> nn.Module | None:
+        """With ``keep_best_iteration: false``: the server module holding the lowest-validation-loss
+        state of any iteration so far (the code's ``best_val.pth``); None otherwise."""
+        record = state.get("best")
+        if record is None:
+            return None
+        return self._module_for({"moe": record["moe"]}, ctx)
+
+    def _main_update(self, main: StateDict, clients: list[StateDict], sizes: torch.Tensor) -> StateDict:
+        """E_0's Stage B update: moving average towards the sample-weighted client mean, or a
+        replacement by the plain (code) or sample-weighted mean."""
+        if self.main_update == "mean":
+            return weighted_average(clients, [1.0] * len(clients), base=main)
+        if self.main_update == "weighted_mean":
+            return weighted_average(clients, sizes.tolist(), base=main)
+        share = (self.lam * sizes / sizes.sum()).tolist()
+        return mix(main, clients, share, 1.0 - self.lam)
+
+    def _server_step(
+        self, module: ServerMoEModule, state: ServerState, epochs: int, optimizer_state: dict | None, ctx: ServerContext
+    ) -> dict | None:
+        """Train the server module on D_s at the learning rates the schedule gives this fit."""
+        module.lr_scale = self.lr_factor(int(state.get("server_fits", 0)))
+        rates = module.learning_rates()
+        if optimizer_state is not None:
+            optimizer_state = {
+                **optimizer_state,
+                "param_groups": [{**g, "lr": rates.get(g.get("name"), g["lr"])} for g in optimizer_state["param_groups"]],
+            }
+        return ctx.fit(module, ctx.server_train, epochs, optimizer_state)
+
+    def lr_factor(self, fit: int) -> float:
+        """The server learning-rate factor of the ``fit``-th server step (0-based): 1 (constant),
+        (1 + cos(pi fit / period)) / 2 (cosine, periodic as torch's closed form), gamma^(fit // period) (step)."""
+        if self.server_lr_schedule == "cosine":
+            return (1.0 + math.cos(math.pi * fit / self.server_lr_period)) / 2.0
+        if self.server_lr_schedule == "step":
+            return self.server_lr_gamma ** (fit // self.server_lr_period)
+        return 1.0
 
     def sync(self, state: ServerState, results: list[ClientResult], ctx: ServerContext) -> dict[int, StateDict]:
         """Stage C: client i mixes its model with the experts by column i of W_c (computed in
@@ -274,12 +362,13 @@ class FedMoE(Algorithm):
         return out
 
     def _train_alone(self, net: nn.Module, ctx: ServerContext) -> None:
-        """Train one expert on D_s with cross-entropy, then restore its mode and frozen flags."""
+        """Train one expert on D_s with plain cross-entropy (the code's ``train_fix_expert``), then
+        restore its mode and frozen flags."""
         was_training = net.training
         flags = [p.requires_grad for p in net.parameters()]
         for p in net.parameters():
             p.requires_grad_(True)
-        ctx.fit(ExpertModule(net, self.main_lr, self.label_smoothing), ctx.server_train, self.main_epochs)
+        ctx.fit(ExpertModule(net, self.main_lr, 0.0), ctx.server_train, self.main_epochs)
         for p, flag in zip(net.parameters(), flags):
             p.requires_grad_(flag)
         net.train(was_training)
@@ -314,8 +403,11 @@ class FedMoE(Algorithm):
         return torch.stack(rows)
 
     def gate_relevance(self, moe: ServerMoE, ctx: ServerContext) -> torch.Tensor:
-        """Q (n x K): gate probabilities on the probe set (eval, no noise), or their top-1 one-hot."""
+        """Q (n x K) on the probe set (eval, no noise): gate probabilities (``soft``), their top-1
+        one-hot (``onehot``), or the forward's gate values g (``gates``, the code's Q)."""
         logits, _ = ctx.predict(moe.gate, ctx.probe)
+        if self.relevance_gate == "gates":
+            return moe.route(logits.float())[0]
         q = torch.softmax(logits.float(), dim=1)
         if self.relevance_gate == "onehot":
             q = torch.nn.functional.one_hot(q.argmax(1), q.shape[1]).float()
@@ -325,8 +417,7 @@ class FedMoE(Algorithm):
         """Routing on the validation set: utilisation per expert, gate entropy, label entropy H_lab."""
         logits, targets = ctx.predict(moe.gate, ctx.val)
         probs = torch.softmax(logits.float(), dim=1)
-        topk = probs.topk(self.top_k, dim=1).indices
-        gates = torch.zeros_like(probs).scatter(1, topk, probs.gather(1, topk))
+        gates, _ = moe.route(logits.float())
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean()
         return {
             "alpha": float(moe.alpha_value().detach()),
@@ -338,14 +429,15 @@ class FedMoE(Algorithm):
 
 _KEY = "federation.algorithm."
 _CHOICES = {
-    "gate_value": ("probability", "renormalised"),
-    "load": ("count", "smooth"),
+    "gate_value": ("probability", "renormalised", "code"),
+    "load": ("count", "smooth", "code"),
     "entropy_mode": ("paper", "conditional", "code"),
     "confidence": ("probability", "logit"),
-    "relevance_gate": ("soft", "onehot"),
+    "relevance_gate": ("soft", "onehot", "gates"),
     "relevance_norm": ("sum", "mean"),
     "expert_update": ("moving", "replace"),
-    "main_update": ("moving", "mean"),
+    "main_update": ("moving", "mean", "weighted_mean"),
+    "server_lr_schedule": ("constant", "cosine", "step"),
     "server_schedule": ("every_iteration", "pretrain_only"),
     "stage_c": ("paper", "code"),
     "client_update": ("moving", "replace"),
@@ -360,11 +452,13 @@ def _check_options(o: dict[str, Any]) -> None:
     check_int(_KEY + "iterations", o["iterations"], 1)
     check_int(_KEY + "server_epochs", o["server_epochs"], 0)
     check_int(_KEY + "main_epochs", o["main_epochs"], 0)
+    check_int(_KEY + "server_lr_period", o["server_lr_period"], 1, hint="server steps per cosine half-period or per decay step")
+    check_float(_KEY + "server_lr_gamma", o["server_lr_gamma"], 0.0, 1.0, low_open=True)
     check_float(_KEY + "lam", o["lam"], 0.0, 1.0)
     check_float(_KEY + "alpha_init", o["alpha_init"], 0.0, 1.0)
     check_float(_KEY + "relevance_temperature", o["relevance_temperature"], 0.0, low_open=True)
     check_float(_KEY + "label_smoothing", o["label_smoothing"], 0.0, 1.0, high_open=True)
-    for name in ("w_ent", "w_aux", "gate_lr", "alpha_lr", "main_lr", "server_weight_decay"):
+    for name in ("w_ent", "w_aux", "gate_lr", "alpha_lr", "main_lr", "expert_lr", "main_server_lr", "server_weight_decay"):
         check_float(_KEY + name, o[name], 0.0)
     check_float(_KEY + "server_eps", o["server_eps"], 0.0, low_open=True)
     for name, choices in _CHOICES.items():

@@ -8,7 +8,8 @@ CE + w_aux (cv2(importance) + cv2(load)) + w_ent H_lab + l2 sum(theta^2) (DESIGN
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-GateValue = Literal["probability", "renormalised"]
-LoadMode = Literal["count", "smooth"]
+GateValue = Literal["probability", "renormalised", "code"]
+LoadMode = Literal["count", "smooth", "code"]
 EntropyMode = Literal["paper", "conditional", "code"]
 
 NOISE_EPSILON = 1e-2
@@ -82,8 +83,9 @@ class ServerMoE(nn.Module):
         noise: G_n, x -> B x K raw noise scales; noise is added only in training mode.
         top_k: k, experts chosen per sample.
         gate_value: ``probability`` keeps softmax(h) at the chosen experts (CE reaches the gate);
-            ``renormalised`` takes a softmax over the top-k values of h (the released code; for
-            k = 1 the gate value is exactly 1).
+            ``renormalised`` divides them by their sum over the top k (a softmax over the top-k
+            values of h); ``code`` takes a softmax over the top-k *probabilities*, as the released
+            code does (``moe.py``: ``softmax(topk(softmax(h)))``). For k = 1 both give exactly 1.
         alpha_init: initial value of the learnable scalar alpha.
         alpha_clamp: clamp alpha to [0, 1] in the forward.
         noisy: add the gate noise in training mode (when ``noise`` is given).
@@ -106,9 +108,9 @@ class ServerMoE(nn.Module):
             raise ValueError("ServerMoE needs at least one routed expert")
         if not 1 <= top_k <= len(experts):
             raise ValueError(f"top_k must be in [1, {len(experts)}] (the experts), got {top_k}")
-        if gate_value not in ("probability", "renormalised"):
+        if gate_value not in ("probability", "renormalised", "code"):
             raise ValueError(
-                f"gate_value must be 'probability' or 'renormalised', got {gate_value!r}"
+                f"gate_value must be 'probability', 'renormalised' or 'code', got {gate_value!r}"
             )
         self.experts = nn.ModuleList(experts)
         self.mains = nn.ModuleList(mains)
@@ -148,12 +150,7 @@ class ServerMoE(nn.Module):
             noise_std = F.softplus(self.noise(x)) + NOISE_EPSILON
             noisy = clean + torch.randn_like(clean) * noise_std
         probs = torch.softmax(noisy, dim=-1)
-        top_values, top_indices = noisy.topk(self.top_k, dim=-1)
-        if self.gate_value == "probability":
-            chosen = probs.gather(-1, top_indices)
-        else:
-            chosen = torch.softmax(top_values, dim=-1)
-        gates = torch.zeros_like(probs).scatter(-1, top_indices, chosen)
+        gates, top_indices = self.route(noisy)
         logits = self._dispatch(x, gates, top_indices)
         if self.num_main:
             alpha = self.alpha_value()
@@ -161,20 +158,54 @@ class ServerMoE(nn.Module):
             logits = alpha * logits + (1 - alpha) * main
         return MoEOutput(logits, gates, probs, clean, noisy, noise_std, top_indices)
 
+    def route(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Gate values g (B x K, 0 for unchosen experts) and the top-k indices from gate logits h."""
+        probs = torch.softmax(logits, dim=-1)
+        top_indices = logits.topk(self.top_k, dim=-1).indices
+        chosen = probs.gather(-1, top_indices)
+        if self.gate_value == "renormalised":  # = p / sum of the top-k p, with exact zero gradient for k = 1
+            chosen = torch.softmax(logits.gather(-1, top_indices), dim=-1)
+        elif self.gate_value == "code":
+            chosen = torch.softmax(chosen, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, top_indices, chosen), top_indices
+
     def _dispatch(self, x: Any, gates: Tensor, topk: Tensor) -> Tensor:
-        """sum_e g[b,e] E_e(x_b), each expert run only on the samples routed to it."""
+        """sum_e g[b,e] E_e(x_b), each expert run only on the samples routed to it.
+
+        In training mode an expert that receives a single sample runs it with its BatchNorm layers
+        in eval mode (running statistics, left unchanged): batch statistics of one sample are
+        undefined (BatchNorm1d raises) or meaningless, and sparse dispatch makes such groups common.
+        """
         routed = _chosen_mask(topk, self.num_experts)
         out: Tensor | None = None
         for e, expert in enumerate(self.experts):
             index = routed[:, e].nonzero().squeeze(1)
             if index.numel() == 0:
                 continue
-            weighted = expert(_take(x, index)) * gates[index, e].unsqueeze(1)
+            if index.numel() == 1 and self.training:
+                with batchnorm_in_eval_mode(expert):
+                    y = expert(_take(x, index))
+            else:
+                y = expert(_take(x, index))
+            weighted = y * gates[index, e].unsqueeze(1)
             if out is None:
                 out = weighted.new_zeros(gates.shape[0], weighted.shape[1])
             out = out.index_add(0, index, weighted.to(out.dtype))
         assert out is not None
         return out
+
+
+@contextmanager
+def batchnorm_in_eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put ``module``'s BatchNorm layers that are in training mode into eval mode for a block."""
+    switched = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in switched:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.train()
 
 
 def cv_squared(v: Tensor) -> Tensor:
@@ -214,6 +245,27 @@ def load_smooth(out: MoEOutput, k: int | None = None) -> Tensor:
     clean, std = out.clean_logits.float(), out.noise_std.float()
     prob_if_in = torch.special.ndtr((clean - threshold_if_in.float()) / std)
     prob_if_out = torch.special.ndtr((clean - threshold_if_out.float()) / std)
+    return torch.where(is_in, prob_if_in, prob_if_out).sum(0)
+
+
+def load_code(out: MoEOutput) -> Tensor:
+    """The released code's load (K) in training with noise (``_prob_in_top_k`` in its ``moe.py``).
+
+    As :func:`load_smooth`, but the thresholds are taken from the top-(k+1) *probabilities*
+    softmax(h) and compared with the pre-softmax logits: sample b counts as holding expert e when
+    h[b,e] > p_(k+1)[b], and its probability is Phi((G(x)_e - p_(k+1 or k)) / std_e). Falls back to
+    :func:`load_count` without noise or when k = K, as the code does.
+    """
+    k = out.topk.shape[1]
+    num_experts = out.gates.shape[1]
+    if out.noise_std is None or k >= num_experts:
+        return load_count(out.gates)
+    top = out.probs.float().topk(k + 1, dim=1).values
+    threshold_if_in, threshold_if_out = top[:, k : k + 1], top[:, k - 1 : k]
+    is_in = out.noisy_logits.float() > threshold_if_in
+    clean, std = out.clean_logits.float(), out.noise_std.float()
+    prob_if_in = torch.special.ndtr((clean - threshold_if_in) / std)
+    prob_if_out = torch.special.ndtr((clean - threshold_if_out) / std)
     return torch.where(is_in, prob_if_in, prob_if_out).sum(0)
 
 
@@ -270,8 +322,10 @@ def server_loss(
         expert_load = load_count(out.gates)
     elif load == "smooth":
         expert_load = load_smooth(out)
+    elif load == "code":
+        expert_load = load_code(out)
     else:
-        raise ValueError(f"load must be 'count' or 'smooth', got {load!r}")
+        raise ValueError(f"load must be 'count', 'smooth' or 'code', got {load!r}")
     ce = F.cross_entropy(out.logits.float(), targets, label_smoothing=label_smoothing)
     aux = cv_squared(importance(out.gates)) + cv_squared(expert_load)
     entropy = gating_entropy(out.gates, targets, out.logits.shape[1], entropy_mode)

@@ -7,6 +7,7 @@ experts too, each parameter group at its own learning rate.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -41,6 +42,9 @@ class ServerMoEModule(L.LightningModule):
         expert_lr: float = 1e-4,
         main_lr: float = 5e-5,
         experts_alpha_lr: float = 5e-7,
+        train_noise: bool = True,
+        no_decay: Sequence[str] = (),
+        eps_groups: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.moe = moe
@@ -57,6 +61,10 @@ class ServerMoEModule(L.LightningModule):
         self.expert_lr = expert_lr
         self.main_lr = main_lr
         self.experts_alpha_lr = experts_alpha_lr
+        self.train_noise = train_noise
+        self.no_decay = tuple(no_decay)
+        self.eps_groups = None if eps_groups is None else tuple(eps_groups)
+        self.lr_scale = 1.0
         if not train_experts:
             moe.experts.requires_grad_(False)
             moe.mains.requires_grad_(False)
@@ -90,29 +98,37 @@ class ServerMoEModule(L.LightningModule):
         )
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over named groups: gate (G, G_n), alpha; experts and mains if ``train_experts``."""
-        gate_params = list(self.moe.gate.parameters())
-        if self.moe.noise is not None:
-            gate_params += list(self.moe.noise.parameters())
-        groups = [
-            {"name": "gate", "params": gate_params, "lr": self.gate_lr},
-            {
-                "name": "alpha",
-                "params": [self.moe.alpha],
-                "lr": self.experts_alpha_lr if self.train_experts else self.alpha_lr,
-            },
-        ]
+    def learning_rates(self) -> dict[str, float]:
+        """The learning rate of each parameter group by name, times ``lr_scale`` (the server
+        schedule's factor for this fit)."""
+        rates = {"gate": self.gate_lr, "alpha": self.experts_alpha_lr if self.train_experts else self.alpha_lr}
         if self.train_experts:
-            experts, mains = self.moe.experts, self.moe.mains
-            groups += [
-                {"name": "experts", "params": list(experts.parameters()), "lr": self.expert_lr},
-                {"name": "mains", "params": list(mains.parameters()), "lr": self.main_lr},
-            ]
-        for group in groups:
-            group["params"] = [p for p in group["params"] if p.requires_grad]
-        groups = [group for group in groups if group["params"]]
-        return torch.optim.Adam(groups, weight_decay=self.weight_decay, eps=self.eps)
+            rates.update(experts=self.expert_lr, mains=self.main_lr)
+        return {name: lr * self.lr_scale for name, lr in rates.items()}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam over named groups: gate (G, and G_n unless ``train_noise`` is false), alpha; experts
+        and mains if ``train_experts``. Groups named in ``no_decay`` get no weight decay; only those
+        in ``eps_groups`` (default: all) get ``eps``, the rest Adam's default 1e-8."""
+        gate_params = list(self.moe.gate.parameters())
+        if self.moe.noise is not None and self.train_noise:
+            gate_params += list(self.moe.noise.parameters())
+        params = {"gate": gate_params, "alpha": [self.moe.alpha]}
+        if self.train_experts:
+            params.update(experts=list(self.moe.experts.parameters()), mains=list(self.moe.mains.parameters()))
+        groups = []
+        for name, lr in self.learning_rates().items():
+            trainable = [p for p in params[name] if p.requires_grad]
+            if not trainable:
+                continue
+            groups.append({
+                "name": name,
+                "params": trainable,
+                "lr": lr,
+                "weight_decay": 0.0 if name in self.no_decay else self.weight_decay,
+                "eps": self.eps if self.eps_groups is None or name in self.eps_groups else 1e-8,
+            })
+        return torch.optim.Adam(groups)
 
 
 class ExpertModule(L.LightningModule):
