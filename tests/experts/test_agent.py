@@ -277,6 +277,17 @@ def test_gate_mode_delegates_one_row_per_prompt_after_loading_current_snapshots(
     assert all(torch.equal(model.expert_state("sql")[k], snap.adapter[k]) for k in snap.adapter)
 
 
+def test_gate_mode_with_a_one_hot_moe_lora_gate_matches_the_mixed_batch():
+    from fedmoe.models.moe_lora import MoELoRA
+
+    model = experts_model()
+    gate = MoELoRA(model)
+    gate.force = "sql"
+    gated = agent_for(model, "gate", gate=gate).generate(["select rows from table"], max_new_tokens=5, min_new_tokens=5)
+    batched = agent_for(model).generate(["select rows from table"], max_new_tokens=5, min_new_tokens=5)
+    assert gated[0].parts[0].tokens == batched[0].parts[0].tokens
+
+
 def test_run_sample_tasks_prints_which_experts_served_each(capsys):
     model = experts_model()
     agent = InferenceAgent(model, word_tokenizer(), KeywordRouter.from_file(ROUTES, experts=EXPERTS), registered(model))
@@ -293,6 +304,7 @@ def test_agent_refuses_a_router_expert_the_model_lacks_and_bad_modes():
     router = KeywordRouter.from_dict({"experts": {"python": ["python"], "rust": ["rust"]}, "default": "python"})
     with pytest.raises(DataError, match="router expert 'rust' is not an expert of the model; model experts: python, sql, docs"):
         InferenceAgent(model, word_tokenizer(), router)
+    assert agent_for(model).generate([]) == []
     with pytest.raises(ConfigError, match="combine mode 'stitch' is unknown"):
         agent_for(model, "stitch")
     with pytest.raises(ConfigError, match="needs a gate object"):

@@ -306,7 +306,10 @@ class InferenceAgent:
     def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None, **generate_kwargs: Any) -> list[Answer]:
         """Route ``prompts`` and generate greedily (``generate_kwargs`` go to ``generate``, e.g.
         ``min_new_tokens``); one :class:`Answer` per prompt."""
-        routes = self.router.route(list(prompts))
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        routes = self.router.route(prompts)
         for r in routes:
             for e in r.experts:
                 if e not in self.model.experts:

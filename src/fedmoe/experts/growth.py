@@ -176,7 +176,7 @@ def grow_expert(
         wrong = [w.id for w in specs if w.specialty != name]
         if wrong:
             raise ConfigError(f"worker {wrong[0]!r} of new expert {name!r} has another specialty")
-    if model is not None and hasattr(model, "add_expert"):
+    if model is not None and all(hasattr(model, a) for a in ("add_expert", "expert_state", "adapted_layers")):
         model.add_expert(name)
         state, layers = model.expert_state(name), model.adapted_layers(name)
     else:
