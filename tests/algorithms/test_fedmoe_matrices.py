@@ -182,3 +182,140 @@ def test_fedmoe_rejects_bad_options():
         FedMoE(lam=1.5)
     with pytest.raises(ValueError):
         FedMoE(relevance_temperature=0.0)
+
+
+def test_fedmoe_rejects_bad_schedule_options():
+    with pytest.raises(ValueError, match="server_lr_period"):
+        FedMoE(server_lr_period=0)
+    with pytest.raises(ValueError, match="server_lr_schedule"):
+        FedMoE(server_lr_schedule="linear")
+    with pytest.raises(ValueError, match="server_lr_gamma"):
+        FedMoE(server_lr_gamma=0.0)
+    with pytest.raises(ValueError, match="main_update"):
+        FedMoE(main_update="median")
+
+
+def test_server_learning_rate_factors_by_hand():
+    cosine = FedMoE(server_lr_schedule="cosine", server_lr_period=4)
+    assert [cosine.lr_factor(i) for i in range(5)] == pytest.approx(
+        [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0]
+    )
+    step = FedMoE(server_lr_schedule="step", server_lr_period=2, server_lr_gamma=0.5)
+    assert [step.lr_factor(i) for i in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    assert FedMoE().lr_factor(7) == 1.0
+
+
+# -- the forward's gates, load and Q (the released code's variants) -------------------------------
+
+D_IN, K_E, C_OUT = 4, 3, 3
+
+
+def linear_gate_moe(top_k: int, gate_value: str, bn: bool = False):
+    """A MoE whose gate logits are x[:, :3] (identity gate), experts tiny MLPs (with BatchNorm1d)."""
+    from torch import nn
+
+    from fedmoe.models.moe import ServerMoE
+
+    torch.manual_seed(0)
+
+    def expert():
+        if bn:
+            return nn.Sequential(nn.Linear(D_IN, 5), nn.BatchNorm1d(5), nn.Linear(5, C_OUT))
+        return nn.Linear(D_IN, C_OUT)
+
+    gate = nn.Linear(D_IN, K_E)
+    with torch.no_grad():
+        gate.weight.copy_(torch.eye(K_E, D_IN))
+        gate.bias.zero_()
+    return ServerMoE([expert() for _ in range(K_E)], [expert()], gate, None, top_k=top_k, gate_value=gate_value,
+                     noisy=False)
+
+
+def test_code_gates_are_a_softmax_over_the_top_k_probabilities():
+    moe = linear_gate_moe(top_k=2, gate_value="code").eval()
+    x = torch.tensor([[2.0, 1.0, -1.0, 0.0]])
+    p = softmax_list([2.0, 1.0, -1.0])
+    code = softmax_list([p[0], p[1]])  # the code: softmax over the top-2 probabilities
+    torch.testing.assert_close(moe(x).gates, torch.tensor([[code[0], code[1], 0.0]]))
+    renormalised = linear_gate_moe(top_k=2, gate_value="renormalised").eval()
+    mass = p[0] + p[1]
+    torch.testing.assert_close(renormalised(x).gates, torch.tensor([[p[0] / mass, p[1] / mass, 0.0]]))
+    for gate_value in ("code", "renormalised"):  # k = 1: exactly 1
+        assert torch.equal(linear_gate_moe(1, gate_value).eval()(x).gates, torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+def test_code_load_takes_thresholds_from_probabilities():
+    from fedmoe.models.moe import MoEOutput, load_code, load_smooth
+
+    clean = torch.tensor([[1.0, 0.0, -1.0]])
+    noisy = torch.tensor([[1.2, 0.1, -0.5]])
+    std = torch.ones(1, 3)
+    probs = torch.softmax(noisy, 1)
+    gates = torch.tensor([[1.0, 0.0, 0.0]])
+    out = MoEOutput(torch.zeros(1, 2), gates, probs, clean, noisy, std, torch.tensor([[0]]))
+    p = softmax_list([1.2, 0.1, -0.5])
+
+    def phi(z: float) -> float:
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    # threshold if in: the 2nd largest probability; if out: the largest; compared with logits
+    assert 1.2 > p[1] and not 0.1 > p[1] and not -0.5 > p[1]
+    expected = [phi(1.0 - p[1]), phi(0.0 - p[0]), phi(-1.0 - p[0])]
+    torch.testing.assert_close(load_code(out), torch.tensor(expected))
+    assert not torch.allclose(load_code(out), load_smooth(out))
+
+
+class ProbeContext:
+    """Just what :meth:`FedMoE.gate_relevance` asks of a context: a probe set and ``predict``."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.probe = x
+
+    @torch.no_grad()
+    def predict(self, module, dataset):
+        module.eval()
+        return module(dataset), torch.zeros(len(dataset), dtype=torch.long)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_gates_relevance_is_the_forwards_gate_values(top_k):
+    moe = linear_gate_moe(top_k=top_k, gate_value="code")
+    x = torch.randn(7, D_IN, generator=torch.Generator().manual_seed(3))
+    q = FedMoE(num_routed=K_E, top_k=top_k, relevance_gate="gates", gate_value="code").gate_relevance(moe, ProbeContext(x))
+    with torch.no_grad():
+        torch.testing.assert_close(q, moe.eval()(x).gates)
+    if top_k == 1:  # the code's Q: one-hot top-1, as relevance_gate onehot
+        onehot = FedMoE(num_routed=K_E, relevance_gate="onehot").gate_relevance(moe, ProbeContext(x))
+        assert torch.equal(q, onehot)
+
+
+def test_one_sample_group_runs_batchnorm_in_eval_mode():
+    moe = linear_gate_moe(top_k=1, gate_value="code", bn=True).train()
+    x = torch.tensor([[3.0, 0, 0, 1], [2.0, 0, 0, 2], [1.0, 0, 0, 3], [4.0, 0, 0, 4], [0, 5.0, 0, 5]])
+    lonely = moe.experts[1]
+    stats = lonely[1].running_mean.clone()
+    busy_stats = moe.experts[0][1].running_mean.clone()
+    out = moe(x)  # expert 1 gets sample 4 alone: BatchNorm1d in train mode would raise
+    assert out.topk.squeeze(1).tolist() == [0, 0, 0, 0, 1]
+    assert torch.equal(lonely[1].running_mean, stats)  # running statistics used, not updated
+    assert not torch.equal(moe.experts[0][1].running_mean, busy_stats)  # groups of 2+ use batch statistics
+    assert lonely.training and lonely[1].training  # the mode is restored
+    with torch.no_grad():
+        lonely.eval()
+        expected_routed = lonely(x[4:])
+        lonely.train()
+        main = moe.mains[0](x)[4:]
+    alpha = float(moe.alpha.detach())
+    torch.testing.assert_close(out.logits[4:], alpha * expected_routed + (1 - alpha) * main)
+
+
+def test_paper_stage_c_with_sum_relevance_starves_the_main_row():
+    g = torch.Generator().manual_seed(0)
+    n, m = 200, 5
+    q = torch.nn.functional.one_hot(torch.randint(0, K_E, (n,), generator=g), K_E).float()
+    p = 0.3 + 0.6 * torch.rand(m, n, generator=g)
+    paper = sync_weights(relevance(q, p, "sum"), 0.5, has_main=True, mode="paper")
+    assert paper[0].max() < 1e-3  # clients never receive E_0
+    code = sync_weights(relevance(q, p, "sum"), 0.5, has_main=True, mode="code")
+    mean = sync_weights(relevance(q, p, "mean"), 0.5, has_main=True, mode="paper")
+    assert code[0].min() > 0.15 and mean[0].min() > 0.15

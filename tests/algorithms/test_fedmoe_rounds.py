@@ -440,3 +440,90 @@ def test_aggregate_leaves_the_frozen_experts_in_eval_mode():
     new = algo.aggregate(state, results, ctx)
     moe = algo.server_module(new, ctx).moe
     assert not any(m.training for m in [*moe.experts, *moe.mains])
+
+
+# -- the released code's options and the fixed defects --------------------------------------------
+
+
+def test_lambda_is_applied_at_every_iteration():
+    # pretrain_only: the gate, hence W_r, is the same at both iterations
+    algo, ctx, state, results = setup_round(iterations=2, server_schedule="pretrain_only", keep_best_iteration=False)
+    before = clone(state["moe"])
+    new = algo.aggregate(state, results, ctx)
+    w_r = hand_wr(hand_q(before, ctx.probe), hand_p(results, ctx))
+    kept = (1 - LAM) ** 2  # 0.81: two moving steps move the experts 19%, not 10%
+    for e in range(K):
+        expected = hand_mix(part(before, f"experts.{e}."), [r.weights for r in results], (1 - kept) * w_r[e], kept)
+        assert_state_close(part(new["moe"], f"experts.{e}."), expected)
+
+
+def test_alpha_and_main_get_no_weight_decay():
+    algo, ctx, state, _ = setup_round(
+        train_experts_on_server=True, expert_lr=2e-3, main_server_lr=3e-4, alpha_lr=7e-6, gate_lr=1e-3
+    )
+    groups = {g["name"]: g for g in algo._module.configure_optimizers().param_groups}
+    assert {n: g["lr"] for n, g in groups.items()} == {"gate": 1e-3, "alpha": 7e-6, "experts": 2e-3, "mains": 3e-4}
+    assert {n: g["weight_decay"] for n, g in groups.items()} == {"gate": 5e-4, "alpha": 0.0, "experts": 5e-4, "mains": 0.0}
+    assert {n: g["eps"] for n, g in groups.items()} == {"gate": 1e-6, "alpha": 1e-8, "experts": 1e-6, "mains": 1e-8}
+
+
+def test_train_noise_false_leaves_the_noise_net_untrained():
+    algo, ctx, state, results = setup_round(train_noise=False, gate_lr=0.05)
+    before = clone(state["moe"])
+    new = algo.aggregate(state, results, ctx)
+    # parameters stand; BatchNorm statistics still follow the batches, as in the code (train mode)
+    noise = [f"noise.{n}" for n, _ in build_network(TINY_NETWORK, K).named_parameters()]
+    assert noise and all(torch.equal(new["moe"][k], before[k]) for k in noise)
+    assert not torch.equal(new["moe"]["gate.fc1.weight"], before["gate.fc1.weight"])
+
+
+def test_server_lr_schedule_scales_each_server_step():
+    algo, ctx, state, results = setup_round(server_lr_schedule="cosine", server_lr_period=2, gate_lr=1e-3, alpha_lr=1e-2)
+    first = algo.aggregate(state, results, ctx)
+    lrs = {g["name"]: g["lr"] for g in first["optimizer"]["param_groups"]}
+    assert lrs == pytest.approx({"gate": 1e-3, "alpha": 1e-2}) and first["server_fits"] == 1
+    second = algo.aggregate(first, results, ctx)  # fit 1 of a period of 2: (1 + cos(pi / 2)) / 2
+    lrs = {g["name"]: g["lr"] for g in second["optimizer"]["param_groups"]}
+    assert lrs == pytest.approx({"gate": 5e-4, "alpha": 5e-3}) and second["server_fits"] == 2
+
+
+def scripted_validation(ctx, losses):
+    """Make ``ctx.evaluate`` on the validation set return ``losses`` in turn; record the MoE states."""
+    seen, real = [], ctx.evaluate
+
+    def evaluate(module, dataset):
+        out = real(module, dataset)
+        if dataset is ctx.val and len(seen) < len(losses):
+            seen.append(clone(module.moe.state_dict()))
+            out = {**out, "loss": losses[len(seen) - 1]}
+        return out
+
+    ctx.evaluate = evaluate
+    return seen
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_best_iteration_reverts_or_records(keep):
+    algo, ctx, state, results = setup_round(iterations=2, keep_best_iteration=keep)
+    seen = scripted_validation(ctx, [0.5, 0.9])  # iteration 1 is the better one
+    new = algo.aggregate(state, results, ctx)
+    assert len(seen) == 2 and not torch.equal(seen[0]["experts.0.fc1.weight"], seen[1]["experts.0.fc1.weight"])
+    if keep:  # Algorithm 1: continue from the best iteration
+        assert_state_close(new["moe"], seen[0], atol=0)
+        assert "best" not in new and algo.best_module(new, ctx) is None
+    else:  # the code: continue from the last iteration, record the best
+        assert_state_close(new["moe"], seen[1], atol=0)
+        assert new["best"]["val_loss"] == 0.5 and new["best"]["iteration"] == 1 and new["best"]["round"] == 1
+        assert_state_close(new["best"]["moe"], seen[0], atol=0)
+        assert_state_close(algo.best_module(new, ctx).moe.state_dict(), seen[0], atol=0)
+
+
+def test_server_val_metrics_are_those_of_the_returned_model():
+    algo, ctx, state, results = setup_round(iterations=2)
+    assert algo.server_val_metrics(state) is None
+    new = algo.aggregate(state, results, ctx)
+    again = ctx.evaluate(algo.server_module(new, ctx), ctx.val)
+    cached = algo.server_val_metrics(new)
+    assert cached.keys() == again.keys()
+    for key in again:
+        assert cached[key] == pytest.approx(again[key], abs=1e-6), key
