@@ -295,7 +295,8 @@ class ExpertModel(nn.Module):
     ) -> None:
         """Load the expert's LoRA factors (exactly the keys of :meth:`expert_state`, same shapes) and
         its correction (:meth:`load_corrections`)."""
-        expected = self.expert_state(expert)
+        state = self.peft.state_dict()
+        expected = {key: state[key] for layer in self.adapted_layers(expert) for key in (layer.a_key, layer.b_key)}
         missing = sorted(set(expected) - set(adapter_state))
         extra = sorted(set(adapter_state) - set(expected))
         if missing or extra:
