@@ -6,6 +6,10 @@ at the best validation round (lowest validation loss, or the data set's monitore
 GLUE's Matthews correlation), the best test accuracy seen, client accuracy and time.
 ``--lora`` prints the adapter table instead: rule, rank, bytes per round, score at the best
 validation round (a rank sweep's communication/accuracy trade-off).
+``--experts`` reads folders of ``python -m fedmoe.cli experts`` (``metrics_<expert>.csv``): per run
+and expert the coordinator mode, updates applied and refused, staleness, held-out loss at the start
+and at the end; ``--plot`` then draws each expert's held-out loss against (simulated) time, a line
+per run (sync against FedAsync against FedBuff on the same fleet).
 """
 
 from __future__ import annotations
@@ -135,17 +139,94 @@ def plot(run_dirs: list[str | Path], out: str | Path, metric: str = "server/test
     plt.close(fig)
 
 
+def load_expert_runs(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """An experts run folder's per-expert CSVs (``metrics_<expert>.csv``) by expert name."""
+    files = sorted(Path(run_dir).glob("metrics_*.csv"))
+    if not files:
+        raise FedMoEError(f"{run_dir} is not an experts run folder (no metrics_<expert>.csv)")
+    return {f.stem[len("metrics_"):]: pd.read_csv(f) for f in files}
+
+
+def _experts_label(run_dir: str | Path) -> str:
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    cfg = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    mode = (cfg.get("coordinator") or {}).get("mode")
+    return f"{mode} ({Path(run_dir).name})" if mode and mode != Path(run_dir).name else (mode or Path(run_dir).name)
+
+
+def experts_table(run_dirs: list[str | Path]) -> pd.DataFrame:
+    """One row per run and expert: mode, jobs applied / refused / failed, staleness mean and max,
+    held-out loss at the start and at the end, its change, the last time."""
+    rows = []
+    for run_dir in run_dirs:
+        label = _experts_label(run_dir)
+        for expert, m in load_expert_runs(run_dir).items():
+            evals = m.dropna(subset=["heldout_loss"])
+            applied = m[m["status"] == "applied"]
+            start = float(evals["heldout_loss"].iloc[0]) if len(evals) else float("nan")
+            end = float(evals["heldout_loss"].iloc[-1]) if len(evals) else float("nan")
+            rows.append({
+                "run": label,
+                "expert": expert,
+                "applied": int(len(applied)),
+                "refused": int((m["status"] == "refused").sum()),
+                "failed": int((m["status"] == "failed").sum()),
+                "staleness mean": float(applied["staleness"].mean()) if len(applied) else float("nan"),
+                "staleness max": int(applied["staleness"].max()) if len(applied) else 0,
+                "held-out start": start,
+                "held-out end": end,
+                "change": end - start,
+                "time": float(m["time"].max()),
+            })
+    return pd.DataFrame(rows)
+
+
+def plot_experts(run_dirs: list[str | Path], out: str | Path) -> None:
+    """Each expert's held-out loss against time, one panel per expert, a line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(_experts_label(r), load_expert_runs(r)) for r in run_dirs]
+    experts = list(dict.fromkeys(e for _, per in runs for e in per))
+    fig, axes = plt.subplots(1, len(experts), figsize=(4.2 * len(experts), 3.6), squeeze=False)
+    for ax, expert in zip(axes[0], experts):
+        for label, per in runs:
+            if expert in per:
+                m = per[expert].dropna(subset=["heldout_loss"])
+                ax.plot(m["time"], m["heldout_loss"], marker="o", markersize=3, label=label)
+        ax.set_title(expert)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("held-out loss")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedmoe.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (trainer.default_root_dir of each run)")
     parser.add_argument("--plot", help="write a PNG of server test accuracy over rounds")
     parser.add_argument("--metric", default="server/test_acc", help="metric plotted (default server/test_acc)")
     parser.add_argument("--lora", action="store_true", help="the adapter table: rule, rank, bytes, score")
+    parser.add_argument("--experts", action="store_true",
+                        help="folders of `fedmoe.cli experts`: per expert, updates and held-out loss; --plot: loss over time")
     args = parser.parse_args(argv)
     try:
-        table = lora_table(args.runs) if args.lora else summarise(args.runs)
-        if args.plot:
-            plot(args.runs, args.plot, args.metric)
+        if args.experts:
+            table = experts_table(args.runs)
+            if args.plot:
+                plot_experts(args.runs, args.plot)
+        else:
+            table = lora_table(args.runs) if args.lora else summarise(args.runs)
+            if args.plot:
+                plot(args.runs, args.plot, args.metric)
     except FedMoEError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -64,3 +64,32 @@ def test_lora_table_gives_rank_bytes_and_score_per_run(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert "| rule | adapter | r |" in out[0]
     assert "FedExLoRA | lora | 16 | 0.0160 | 0.0320 | 0.6500 | 2" in out[3]
+
+
+def _experts_run(path, mode, losses):
+    """An experts run folder: config.yaml and metrics_python.csv with evals and applied jobs."""
+    path.mkdir()
+    (path / "config.yaml").write_text(f"coordinator:\n  mode: {mode}\n")
+    head = "time,session,worker,status,base_version,version,staleness,train_loss,heldout_loss"
+    rows = [head, f"0,0,,eval,,0,,,{losses[0]}"]
+    for i, loss in enumerate(losses[1:], 1):
+        rows.append(f"{4 * i},0,w{i % 2},applied,{i - 1 - i % 2},{i},{i % 2},1.0,")
+        rows.append(f"{4 * i},0,,eval,,{i},,,{loss}")
+    (path / "metrics_python.csv").write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_experts_report_tabulates_each_run_and_plots_loss_over_time(tmp_path, capsys):
+    runs = [_experts_run(tmp_path / "a", "fedasync", [1.2, 1.1, 1.0]), _experts_run(tmp_path / "b", "sync", [1.2, 1.15])]
+    png = tmp_path / "modes.png"
+    assert main(runs + ["--experts", "--plot", str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| run | expert | applied | refused | failed | staleness mean | staleness max |")
+    assert lines[2].startswith("| fedasync (a) | python | 2 | 0 | 0 | 0.5000 | 1 | 1.2000 | 1.0000 | -0.2000 | 8.0000 |")
+    assert lines[3].startswith("| sync (b) | python | 1 | 0 | 0 | 1.0000 | 1 | 1.2000 | 1.1500 |")
+    assert png.stat().st_size > 0
+
+
+def test_experts_report_on_a_folder_without_expert_csvs_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path), "--experts"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path} is not an experts run folder (no metrics_<expert>.csv)"
