@@ -21,7 +21,12 @@ through ``/proc/self/clear_refs``), median over the repetitions; that process pi
 threshold (``MALLOC_MMAP_THRESHOLD_=4096``) so every tensor is mapped on allocation and unmapped on
 free and the resident size follows torch's allocations (it would distort timings: page faults).
 
+On a GPU (``--device cuda``) the tensors live on the device, each call is timed between
+``torch.cuda.synchronize()`` calls, and memory is the peak of torch's CUDA allocator during the call
+minus what was allocated before it (exact, in the same process).
+
     OMP_NUM_THREADS=1 python benchmarks/lora_aggregation.py
+    python benchmarks/lora_aggregation.py --device cuda
 """
 
 from __future__ import annotations
@@ -91,6 +96,12 @@ def factors_only(state, uploads, samples, records):
     return new, factors
 
 
+def on_device(built, device: torch.device):
+    records, state, uploads, samples = built
+    move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+    return records, move(state), [move(u) for u in uploads], samples
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -99,9 +110,21 @@ def _status(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure(fn: Callable[[], object]) -> tuple[float, int]:
-    """(seconds, peak resident bytes above the resident size before the call)."""
+def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """(seconds, peak bytes above those held before the call: resident set on the CPU, torch's
+    allocator on CUDA)."""
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return seconds, peak
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status("VmRSS")
@@ -115,7 +138,7 @@ def measure(fn: Callable[[], object]) -> tuple[float, int]:
 
 def run(args: argparse.Namespace, memory: bool) -> dict[str, list[float]]:
     """Per method, the ``--reps`` timings (s) or peak resident deltas (bytes)."""
-    records, state, uploads, samples = build(args.clients, args.layers, args.rank)
+    records, state, uploads, samples = on_device(build(args.clients, args.layers, args.rank), args.device)
     bases = {r.base_key: state[r.base_key] for r in records}
     scratch = {"state": None}
 
@@ -136,7 +159,7 @@ def run(args: argparse.Namespace, memory: bool) -> dict[str, list[float]]:
         fresh()
     for _ in range(args.reps):
         for name, fn in methods.items():
-            seconds, peak = measure(fn)
+            seconds, peak = measure(fn, args.device)
             out[name].append(peak if memory else seconds)
             fresh()
     return out
@@ -148,17 +171,23 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.device = torch.device(args.device)
     if args.memory_only:
         print(json.dumps(run(args, memory=True)))
         return
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096"}
-    child = subprocess.run([sys.executable, *sys.argv, "--memory-only"], env=env, capture_output=True, text=True, check=True)
-    peaks = json.loads(child.stdout.strip().splitlines()[-1])
+    if args.device.type == "cuda":
+        peaks = run(args, memory=True)
+    else:
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "4096"}
+        child = subprocess.run([sys.executable, *sys.argv, "--memory-only"], env=env, capture_output=True, text=True,
+                               check=True)
+        peaks = json.loads(child.stdout.strip().splitlines()[-1])
     times = run(args, memory=False)
 
-    records, state, uploads, samples = build(args.clients, args.layers, args.rank)
+    records, state, uploads, samples = on_device(build(args.clients, args.layers, args.rank), args.device)
     fast, _ = fedex_aggregate(state, uploads, samples, records)
     slow = naive_fedex(state, uploads, samples, records)
     err = max(float((fast[r.base_key] - slow[r.base_key]).abs().max()) for r in records)
@@ -166,14 +195,21 @@ def main() -> None:
     base = sum(state[r.base_key].numel() * 4 for r in records)
     print(f"{args.clients} clients, {args.layers} layers x (q, k, v, o), rank {args.rank}, float32; one client's "
           f"upload {adapters / 2**20:.1f} MiB, adapted base weights {base / 2**20:.1f} MiB; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s); median of {args.reps}")
+          f"{where(args.device)}; median of {args.reps}")
     print(f"max |factored - naive| over the folded base weights: {err:.2e}\n")
     ref_t, ref_m = statistics.median(times["fedit"]), statistics.median(peaks["fedit"])
-    print("| method | time (ms) | time / FedIT | peak RSS delta (MiB) | memory / FedIT |")
+    memory = "peak CUDA allocation delta" if args.device.type == "cuda" else "peak RSS delta"
+    print(f"| method | time (ms) | time / FedIT | {memory} (MiB) | memory / FedIT |")
     print("|---|---:|---:|---:|---:|")
     for name in times:
         t, m = statistics.median(times[name]), statistics.median(peaks[name])
         print(f"| {name} | {t * 1e3:.1f} | {t / ref_t:.2f} | {m / 2**20:.1f} | {m / max(ref_m, 1):.2f} |")
+
+
+def where(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}"
+    return f"CPU, {torch.get_num_threads()} thread(s)"
 
 
 if __name__ == "__main__":
