@@ -36,7 +36,8 @@ FINGERPRINT_INCLUDE = (
 FINGERPRINT_EXCLUDE = (
     "data.data_dir", "data.init_args.data_dir", "data.eval_batch_size", "data.init_args.eval_batch_size",
     "federation.rounds", "federation.executor", "federation.progress", "federation.eval_every",
-    "federation.client_eval", "federation.checkpoint_every",
+    "federation.client_eval", "federation.checkpoint_every", "federation.eval_last", "federation.checkpoint_last",
+    "federation.write_logs",
 )
 #: Of those, what only changes training, so that ``validate``/``test`` accept a checkpoint whose values
 #: differ: the local optimiser, batch sizes, the seed and local training, the loop's sampling.

@@ -7,7 +7,7 @@ import logging
 from tqdm.auto import tqdm
 
 from fedmoe.algorithms.base import ClientResult
-from fedmoe.executors.base import ClientFailure, ClientOutcome, ClientTask, Executor
+from fedmoe.executors.base import ClientFailure, ClientOutcome, ClientTask, Executor, client_rng
 from fedmoe.federation.context import load_weights
 from fedmoe.federation.runner import LocalRunner
 
@@ -42,13 +42,14 @@ class Sequential(Executor):
         net = self.module.net
         load_weights(net, task.plan.weights)
         dataset = self.datamodule.splits.client_train[task.client_id]
-        fit = self.runner.fit(
-            self.module,
-            self.datamodule.train_loader(dataset),
-            regularizer=task.plan.regularizer,
-            optimizer_state=task.optimizer_state,
-            return_optimizer_state=task.keep_optimizer,
-        )
+        with client_rng(task, self.runner.device):
+            fit = self.runner.fit(
+                self.module,
+                self.datamodule.client_train_loader(task.client_id, task.round, task.seed),
+                regularizer=task.plan.regularizer,
+                optimizer_state=task.optimizer_state,
+                return_optimizer_state=task.keep_optimizer,
+            )
         upload, keep = task.plan.upload_keys, task.plan.keep_keys
         state = net.state_dict()
         weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items() if upload is None or k in upload}

@@ -19,8 +19,8 @@ from fedmoe.algorithms.fedavg import FedAvg
 from fedmoe.algorithms.fusion import all_finite, num_bytes
 from fedmoe.data.federated import FederatedDataModule
 from fedmoe.errors import CheckpointError, ConfigError, DataError, RoundError
+from fedmoe.executors import build_executor
 from fedmoe.executors.base import ClientFailure, ClientTask, Executor
-from fedmoe.executors.sequential import Sequential
 from fedmoe.federation import checkpoint as ckpt_io
 from fedmoe.federation.context import EngineContext
 from fedmoe.federation.recorder import RoundRecorder
@@ -41,12 +41,17 @@ class Federation:
         clients_per_round: m, clients sampled per round.
         sampling: ``uniform`` or ``per_group`` (one client per residue class of the id mod m).
         min_clients: clients that must survive a round (others may fail or return non-finite weights).
-        executor: who trains the clients (default: sequential in this process).
+        executor: who trains the clients: ``sequential`` (default, in this process), ``vectorized``
+            (a round's clients as one batched model), ``parallel``, or an :class:`Executor`.
         persistent_optimizer: keep each client's optimizer state between its rounds.
         store_dtype: store client weights as ``float16`` / ``bfloat16`` (default: lossless).
-        eval_every: evaluate the server model every this many rounds (and at the last round).
+        eval_every: evaluate the server model every this many rounds (0: only at the last round).
+        eval_last: also evaluate the server model at the last round (false: only every ``eval_every``).
         client_eval: evaluate each sampled client's synced model on its held-out split.
-        checkpoint_every: save ``checkpoints/last.ckpt`` every this many rounds (and at the last).
+        checkpoint_every: save ``checkpoints/last.ckpt`` every this many rounds (0: only at the last).
+        checkpoint_last: also save a checkpoint after the last round (false: only every ``checkpoint_every``).
+        write_logs: write ``metrics.csv``, ``summary.json``, ``config.yaml`` and TensorBoard events into
+            the run folder (false: the rounds' records stay in ``FederatedLoop.history`` only).
         progress: show a progress bar over rounds.
     """
 
@@ -57,20 +62,23 @@ class Federation:
         clients_per_round: int = 5,
         sampling: Literal["uniform", "per_group"] = "uniform",
         min_clients: int = 1,
-        executor: Executor | None = None,
+        executor: Executor | Literal["sequential", "vectorized", "parallel"] | None = None,
         persistent_optimizer: bool = False,
         store_dtype: Literal["float16", "bfloat16"] | None = None,
         eval_every: int = 1,
+        eval_last: bool = True,
         client_eval: bool = True,
         checkpoint_every: int = 1,
+        checkpoint_last: bool = True,
+        write_logs: bool = True,
         progress: bool = True,
     ) -> None:
         check_int("federation.rounds", rounds, 1)
         check_int("federation.clients_per_round", clients_per_round, 1)
         check_int("federation.min_clients", min_clients, 1, clients_per_round,
                   hint="the clients that must survive a round, at most clients_per_round")
-        check_int("federation.eval_every", eval_every, 1)
-        check_int("federation.checkpoint_every", checkpoint_every, 1)
+        check_int("federation.eval_every", eval_every, 0, hint="rounds between evaluations; 0: never on a schedule")
+        check_int("federation.checkpoint_every", checkpoint_every, 0, hint="rounds between checkpoints; 0: never on a schedule")
         check_choice("federation.sampling", sampling, ("uniform", "per_group"))
         check_choice("federation.store_dtype", store_dtype, (None, "float16", "bfloat16"))
         self.algorithm = algorithm if algorithm is not None else FedAvg()
@@ -78,13 +86,24 @@ class Federation:
         self.clients_per_round = clients_per_round
         self.sampling = sampling
         self.min_clients = min_clients
-        self.executor = executor if executor is not None else Sequential()
+        self.executor = build_executor(executor if executor is not None else "sequential")
         self.persistent_optimizer = persistent_optimizer
         self.store_dtype = store_dtype
         self.eval_every = eval_every
+        self.eval_last = eval_last
         self.client_eval = client_eval
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_last = checkpoint_last
+        self.write_logs = write_logs
         self.progress = progress
+
+    def evaluates(self, r: int) -> bool:
+        """Whether the server model is evaluated after round ``r``."""
+        return _on_schedule(r, self.eval_every) or (self.eval_last and r == self.rounds)
+
+    def checkpoints(self, r: int) -> bool:
+        """Whether a checkpoint is saved after round ``r``."""
+        return _on_schedule(r, self.checkpoint_every) or (self.checkpoint_last and r == self.rounds)
 
 
 class FederatedLoop:
@@ -157,6 +176,7 @@ class FederatedLoop:
             if name in frozen:
                 param.requires_grad_(False)
         self.fed.executor.bind(self.module, self.datamodule, self.settings)
+        self.fed.executor.check(self.algo)
         self._ready = True
 
     # -- state ----------------------------------------------------------------------------------
@@ -244,8 +264,9 @@ class FederatedLoop:
         }
         self.sessions.append(session)
         ckpt_io.remove_stale_temp_files(self.run_dir, self.ckpt_path.parent)
-        recorder = RoundRecorder(self.run_dir, self.round, self.history, tensorboard=self.settings.logger,
-                                 every=self.settings.log_every_n_steps, last_round=self.fed.rounds)
+        recorder = (RoundRecorder(self.run_dir, self.round, self.history, tensorboard=self.settings.logger,
+                                  every=self.settings.log_every_n_steps, last_round=self.fed.rounds)
+                    if self.fed.write_logs else None)
         bar = tqdm(
             total=self.fed.rounds, initial=min(self.round, self.fed.rounds), desc="rounds", unit="round",
             disable=not (self.fed.progress and self.settings.enable_progress_bar), dynamic_ncols=True,
@@ -255,25 +276,30 @@ class FederatedLoop:
             while self.round < self.fed.rounds:
                 row, images = self.run_round(self.round + 1)
                 self.round += 1
-                if self.round == session["first_round"]:
+                if self.round == session["first_round"] and self.fed.write_logs:
                     if config_yaml is not None:
                         ckpt_io.atomic_write_text(self.run_dir / "config.yaml", self._sessions_header() + config_yaml)
-                recorder.log(self.round, row, images)
-                self.history = recorder.history
+                if recorder is not None:
+                    recorder.log(self.round, row, images)
+                    self.history = recorder.history
+                else:
+                    self.history = [*self.history, {"round": self.round, **row}]
                 now = time.perf_counter()
                 self.elapsed += now - tick
                 session["seconds"] += now - tick
                 session["last_round"] = self.round
                 tick = now
-                if self.round % self.fed.checkpoint_every == 0 or self.round == self.fed.rounds:
+                if self.fed.checkpoints(self.round):
                     self.save()
                     self.saved_round = self.round
-                    self._write_summary()
+                    if self.fed.write_logs:
+                        self._write_summary()
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4f}" for k in ("server/test_acc", "clients/acc_mean") if _finite(row.get(k))})
         finally:
             bar.close()
-            recorder.close()
+            if recorder is not None:
+                recorder.close()
         return {**self.summary(self.elapsed), "sessions": self.sessions,
                 "new_rounds": self.round - session["first_round"] + 1}
 
@@ -307,7 +333,7 @@ class FederatedLoop:
             if plan.transmit:
                 bytes_down += num_bytes(plan.weights) if plan.wire_bytes is None else plan.wire_bytes
             opt = self.store.get_optimizer(cid) if self.fed.persistent_optimizer else None
-            tasks.append(ClientTask(cid, plan, opt, keep_optimizer=self.fed.persistent_optimizer))
+            tasks.append(ClientTask(cid, plan, opt, keep_optimizer=self.fed.persistent_optimizer, round=r, seed=self.seed))
         outcomes = self.fed.executor.run(tasks)
         results: list[ClientResult] = []
         optimizer_states: dict[int, dict | None] = {}
@@ -351,7 +377,7 @@ class FederatedLoop:
             "time/round_s": round_time,
         }
         t1 = time.perf_counter()
-        if r % self.fed.eval_every == 0 or r == self.fed.rounds:
+        if self.fed.evaluates(r):
             row.update(self.evaluate_server(r))
         if self.fed.client_eval:
             row.update(self.evaluate_clients(synced))
@@ -422,6 +448,10 @@ class FederatedLoop:
             "best_val_test": {k[5:]: v for k, v in self.best.items() if k.startswith("test_")},
             "run_dir": str(self.run_dir),
         }
+
+
+def _on_schedule(r: int, every: int) -> bool:
+    return every > 0 and r % every == 0
 
 
 def _better(score: float, best: float | None, mode: str) -> bool:
