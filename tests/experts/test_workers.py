@@ -345,3 +345,40 @@ def test_bad_run_settings_are_config_errors():
         make_clock("lunar")
     with pytest.raises(ConfigError, match=r"step_cost must be a finite number > 0"):
         SimulatedClock(0)
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_a_worker_on_a_gpu_trains_there_and_pushes_the_same_update_as_on_the_cpu():
+    """One worker per device: the pool replicates the model onto the GPU, the worker trains there and
+    the coordinator (on the CPU) applies its update; the result matches the same job on the CPU."""
+    results = {}
+    for device in ("cpu", "cuda:0"):
+        workers = [WorkerSpec("w", "python", device=device)]
+        coordinator = ExpertCoordinator(None, mode="fedasync", rank_budget=8)
+        model = expert_model()
+        pool = ModelPool.per_device(model, workers)
+        assert next(pool.model("w").parameters()).device.type == device.split(":")[0]
+        history = run_federation(coordinator, pool, workers, data_for(workers), SimulatedClock(), 2.0,
+                                 steps_per_update=1, lr=1e-2, seed=3)
+        assert history.counts()["applied"] == 2
+        snap = coordinator.snapshot("python")
+        assert all(t.device.type == "cpu" for t in snap.adapter.values())
+        results[device] = snap.adapter
+    for key, value in results["cpu"].items():
+        torch.testing.assert_close(results["cuda:0"][key], value, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_workers_on_the_gpu_and_the_cpu_train_concurrently_under_the_wall_clock():
+    workers = [WorkerSpec("g", "python", device="cuda:0"), WorkerSpec("c", "sql", device="cpu")]
+    coordinator = ExpertCoordinator(None, mode="fedasync", rank_budget=8)
+    pool = ModelPool.per_device(expert_model(), workers)
+    assert pool.model("g") is not pool.model("c")  # one model per device
+    history = run_federation(coordinator, pool, workers, data_for(workers), WallClock(), 3.0,
+                             steps_per_update=1, lr=1e-2, seed=3)
+    per = history.per_worker()
+    assert per["g"]["applied"] >= 1 and per["c"]["applied"] >= 1
+    assert coordinator.counts()["pushed"] == coordinator.counts()["applied"]
