@@ -208,11 +208,11 @@ def test_balance_loss_through_the_model_averages_layers_and_is_c_for_uniform_rou
     moe = MoELoRA(experts(), balance_coef=0.01)
     n = len(moe.layer_names)
     bias_only(moe, [[0.0, 0.0, 0.0]] * n)
-    gate_logits(moe)
+    moe(input_ids=TOKENS)  # statistics come from forwards with gradients enabled
     assert torch.isclose(moe.balance_loss(), torch.tensor(0.01))
     biases = [[math.log(3.0), 0.0, 0.0], [0.0, 0.0, 0.0]] * (n // 2)
     bias_only(moe, biases)
-    gate_logits(moe)
+    moe(input_ids=TOKENS)
     per_layer = [3.0 / 5.0, 1.0 / 3.0] * (n // 2)  # P of each layer's top-1 expert
     assert torch.isclose(moe.balance_loss(), torch.tensor(0.01 * 3 * sum(per_layer) / n))
     assert moe.balance_loss() > 0.01
@@ -228,9 +228,11 @@ def test_padding_tokens_do_not_count_in_the_balance_statistics():
     assert torch.isclose(moe.balance_loss(), 2 * p1)
 
 
-def test_balance_loss_before_any_forward_is_a_data_error():
-    with pytest.raises(DataError, match=r"balance_loss\(\) needs a forward"):
-        MoELoRA(experts()).balance_loss()
+def test_balance_loss_before_any_forward_with_gradients_is_a_data_error():
+    moe = MoELoRA(experts())
+    gate_logits(moe)  # under no_grad: no statistics
+    with pytest.raises(DataError, match=r"balance_loss\(\) needs a forward of the gated model with gradients enabled"):
+        moe.balance_loss()
 
 
 # ---------------------------------------------------------------------------------- routing
@@ -360,6 +362,40 @@ def test_a_grown_expert_with_a_finite_bias_learns_routes_in_dense_mode_and_stays
     moe.mode = "dense"
     grads = _grads(moe, joint=False)
     assert all(grads[f"gates.{i}.bias"][2] != 0 for i in range(len(moe.layer_names)))
+
+
+def _add_adapters_after_construction(model: ExpertModel, name: str) -> None:
+    """What ``ExpertModel.add_expert(name)`` does: PEFT adapters ``name`` and ``name__corr`` with the
+    model's configs, a zero correction, the active expert's gradients restored."""
+    import copy
+
+    first = model.experts[0]
+    model.peft.add_adapter(name, copy.deepcopy(model.peft.peft_config[first]))
+    model.peft.add_adapter(correction_name(name), copy.deepcopy(model.peft.peft_config[correction_name(first)]))
+    model.experts = (*model.experts, name)
+    model.load_corrections(name, None)
+    model.activate(model.active)
+
+
+def test_growth_after_adding_the_adapters_to_a_gated_model_keeps_the_gate_and_old_outputs():
+    model = experts(names=("python", "sql"))
+    moe = MoELoRA(model, top_k=1, mode="dense", seed=4)
+    moe.set_trainable(joint=True)
+    before = gate_logits(moe)
+    _add_adapters_after_construction(model, "docs")
+    assert moe.installed and torch.equal(gate_logits(moe), before)
+    moe.add_expert("docs")
+    assert torch.equal(gate_logits(moe), before)
+    trainable = {n for n, p in model.peft.named_parameters() if p.requires_grad}
+    assert any(".docs." in n for n in trainable) and not any("__corr" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in model.peft.named_parameters():
+            if ".lora_B.docs." in n:
+                p.normal_()
+    moe.force = "docs"
+    forced = gate_logits(moe)
+    moe.remove()
+    assert torch.allclose(forced, peft_logits(model, "docs"), atol=1e-5)
 
 
 def test_growing_with_an_expert_the_model_lacks_or_already_gated_is_refused():

@@ -25,7 +25,9 @@ Routing (DyLoRA-MoE's two modes):
 
 Load balancing (Switch Transformer, eq. 4): per layer, f_e = share of the tokens whose top-1
 expert is e and P_e = mean gate probability of e (softmax over all E); the loss is
-c E sum_e f_e P_e averaged over layers (:meth:`MoELoRA.balance_loss`, = c for uniform routing).
+c E sum_e f_e P_e averaged over layers (:meth:`MoELoRA.balance_loss`, = c for uniform routing). The
+statistics are those of the last forward run with gradients enabled (training); forwards under
+``torch.no_grad`` (generation, evaluation) skip them.
 
 All experts' A x (and corrections' V x) are one matmul with the factors stacked, and all B's
 another, so the gate costs two skinny matmuls per layer whatever E is. Per-token gating keeps the
@@ -76,8 +78,8 @@ class TokenGate(nn.Module):
 
 
 class _Plan:
-    """Per layer, the stacked-factor layout: adapter names (LoRA rows first, then corrections),
-    and for each stacked rank row its expert index and its scaling."""
+    """Per layer, the stacked-factor layout: adapter names (LoRA rows first, then corrections), and
+    for each stacked rank row its expert index and its scaling (on the factors' device)."""
 
     def __init__(self, module: nn.Module, experts: Sequence[str]) -> None:
         self.lora = list(experts)
@@ -88,9 +90,10 @@ class _Plan:
                 r = module.lora_A[name].weight.shape[0]
                 owner += [i] * r
                 scale += [float(module.scaling[name])] * r
-        self.n_lora_rows = sum(module.lora_A[n].weight.shape[0] for n in self.lora)
-        self.owner = torch.tensor(owner, dtype=torch.long)
-        self.scale = torch.tensor(scale, dtype=torch.float32)
+        device = module.lora_A[experts[0]].weight.device
+        self.rows = len(owner)
+        self.owner = torch.tensor(owner, dtype=torch.long, device=device)
+        self.scale = torch.tensor(scale, dtype=torch.float32, device=device)
 
 
 class MoELoRA(nn.Module):
@@ -150,6 +153,7 @@ class MoELoRA(nn.Module):
         self._stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._token_mask: torch.Tensor | None = None
         self._hook = None
+        self._joint: bool | None = None
         self.install()
 
     # ----------------------------------------------------------------------- install / remove
@@ -263,10 +267,11 @@ class MoELoRA(nn.Module):
             self._stats.append((top1.mean(0), probs.mean(0)))
 
     def balance_loss(self, coef: float | None = None) -> torch.Tensor:
-        """c E sum_e f_e P_e of the last forward, averaged over the gated layers (Switch
-        Transformer's auxiliary loss; c = ``balance_coef`` unless given). Equals c for uniform routing."""
+        """c E sum_e f_e P_e of the last forward with gradients enabled, averaged over the gated
+        layers (Switch Transformer's auxiliary loss; c = ``balance_coef`` unless given). Equals c for
+        uniform routing."""
         if not self._stats:
-            raise DataError("balance_loss() needs a forward of the gated model first")
+            raise DataError("balance_loss() needs a forward of the gated model with gradients enabled first")
         c = self.balance_coef if coef is None else float(coef)
         n = len(self.experts)
         per_layer = torch.stack([(f * p).sum() for f, p in self._stats])
@@ -276,7 +281,9 @@ class MoELoRA(nn.Module):
 
     def set_trainable(self, joint: bool = False) -> None:
         """Gate trainable; the gated experts' LoRA factors trainable only when ``joint``; the
-        corrections, every other adapter and the base frozen."""
+        corrections, every other adapter and the base frozen. Re-applied after :meth:`add_expert`
+        (PEFT's ``add_adapter`` resets requires_grad)."""
+        self._joint = bool(joint)
         for p in self.gates.parameters():
             p.requires_grad_(True)
         train = {f".{e}." for e in self.experts} if joint else set()
@@ -392,6 +399,8 @@ class MoELoRA(nn.Module):
         self.experts = (*self.experts, name)
         self.steps[name] = 0
         self._plans = [_Plan(m, self.experts) for m in modules]
+        if self._joint is not None:
+            self.set_trainable(self._joint)
 
     def set_expert_bias(self, name: str, bias: float) -> None:
         """Set expert ``name``'s logit bias in every layer."""
@@ -403,7 +412,12 @@ class MoELoRA(nn.Module):
 
 def _gated_forward(moe: MoELoRA, index: int, module: nn.Module):
     """The patched forward of one PEFT ``lora.Linear``: the base plus the gated expert mixture; PEFT's
-    own forward when adapters are disabled or merged, or a mixed batch (``adapter_names``) is asked."""
+    own forward when adapters are disabled or merged, or a mixed batch (``adapter_names``) is asked.
+
+    One matmul gives every expert's A x, every correction's V x and the gate logits (their weights
+    stacked), one more adds B diag(g s) (A x) to the base output: the same passes over the
+    activations as a single LoRA, only wider. With dropout active (training, p > 0) the experts'
+    A rows see dropout(x), one mask shared by all experts, through a separate matmul."""
     peft_forward = type(module).forward
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -415,17 +429,24 @@ def _gated_forward(moe: MoELoRA, index: int, module: nn.Module):
         a_rows = [module.lora_A[n].weight for n in plan.lora]
         v_rows = [module.lora_A[n].weight for n in plan.corr]
         xa = x.to(a_rows[0].dtype)
-        logits = gate(xa.to(gate.weight.dtype))
-        moe._record(logits)
-        weights = moe.gate_weights(logits)
         dropout = module.lora_dropout[plan.lora[0]]
         if module.training and not isinstance(dropout, nn.Identity) and dropout.p > 0:
-            h = torch.cat([F.linear(dropout(xa), torch.cat(a_rows)), F.linear(xa, torch.cat(v_rows))], dim=-1)
+            n_lora = sum(a.shape[0] for a in a_rows)
+            vz = F.linear(xa, torch.cat([*v_rows, gate.weight.to(xa.dtype)]))
+            h = torch.cat([F.linear(dropout(xa), torch.cat(a_rows)), vz[..., : plan.rows - n_lora]], dim=-1)
+            z = vz[..., plan.rows - n_lora :]
         else:
-            h = F.linear(xa, torch.cat(a_rows + v_rows))
-        owner, scale = plan.owner.to(h.device), plan.scale.to(h.device, h.dtype)
-        h = h * (weights.to(h.dtype).index_select(-1, owner) * scale)
+            hz = F.linear(xa, torch.cat([*a_rows, *v_rows, gate.weight.to(xa.dtype)]))
+            h, z = hz[..., : plan.rows], hz[..., plan.rows :]
+        logits = z.to(gate.bias.dtype) + gate.bias
+        if torch.is_grad_enabled():
+            moe._record(logits)
+        weights = moe.gate_weights(logits).to(h.dtype)
+        h = h * (weights.index_select(-1, plan.owner) * plan.scale.to(h.dtype))
         b = torch.cat([module.lora_B[n].weight for n in plan.lora + plan.corr], dim=1)
+        if result.dtype == h.dtype:
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+            return out.view(result.shape)
         return (result + F.linear(h, b)).to(result.dtype)
 
     return forward
