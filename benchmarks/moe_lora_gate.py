@@ -6,13 +6,16 @@ Rows (same model, same batch of 4 x 128 random tokens, loss = next-token cross-e
   trained: the reference;
 - ``single expert``: one expert of the ExpertModel active (its LoRA r = 8 plus its frozen
   correction, rank budget 8), as a worker trains it;
-- ``gate, router only``: the gate over 4 such experts, top-2 sparse routing, gate trainable;
-- ``gate, joint``: the same with the 4 experts' LoRA factors trainable too (+ the balance loss).
+- ``gate, router only``: the gate over 4 such experts, top-2 sparse routing, gate trainable, loss
+  plus the balance loss;
+- ``gate, joint``: the same with the 4 experts' LoRA factors trainable too.
 
 Each row is forward + backward (gradients zeroed between), repeats interleaved row by row after one
-warm-up, medians reported; the line of record is the ratio gate (joint) / single LoRA, target <= 1.15.
+warm-up, medians of wall and process CPU time reported (CPU time is the steadier figure when other
+processes share the cores); the line of record is the ratio gate (joint) / single LoRA, target <= 1.15.
 Then greedy generation of 16 new tokens (prompt of 32 tokens) through the gate with the KV cache
-and without (interleaved, medians), and whether both gave the same tokens.
+and without, and with one expert and no gate (cache on) for reference (interleaved, medians), and
+whether the gate's two runs gave the same tokens.
 
     OMP_NUM_THREADS=1 python benchmarks/moe_lora_gate.py --model runs/models/smollm2-135m
 """
@@ -104,19 +107,24 @@ def main() -> None:
     prompt = torch.randint(3, vocab, (1, 32), generator=gen)
     kwargs = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "max_new_tokens": 16,
               "min_new_tokens": 16, "do_sample": False, "pad_token_id": base.config.eos_token_id}
-    gen_times: dict[bool, list[float]] = {True: [], False: []}
+    gen_times: dict[str, list[float]] = {"cache": [], "no cache": [], "single": []}
     outputs = {}
     with torch.no_grad():
         for rep in range(args.gen_repeats + 1):
-            for cache in (True, False):
+            for run in gen_times:
+                if run == "single":
+                    moe.remove()
+                    model.activate("e0")
                 start = time.perf_counter()
-                outputs[cache] = moe.generate(**kwargs, use_cache=cache)
+                outputs[run] = moe.generate(**kwargs, use_cache=run != "no cache")
                 if rep:
-                    gen_times[cache].append(time.perf_counter() - start)
-    same = torch.equal(outputs[True], outputs[False])
-    with_cache, without = (statistics.median(gen_times[c]) for c in (True, False))
-    print(f"generation of 16 tokens through the gate: use_cache=True {with_cache:.2f} s, "
-          f"use_cache=False {without:.2f} s (same tokens: {same})")
+                    gen_times[run].append(time.perf_counter() - start)
+                moe.install()
+    same = torch.equal(outputs["cache"], outputs["no cache"])
+    with_cache, without, single = (statistics.median(t) for t in gen_times.values())
+    print(f"generation of 16 tokens through the gate, medians of {args.gen_repeats}: use_cache=True {with_cache:.2f} s, "
+          f"use_cache=False {without:.2f} s (same tokens: {same}); one expert without the gate, use_cache=True "
+          f"{single:.2f} s")
     print(f"moe_lora_gate ratio (gate joint / single LoRA, forward+backward, median): "
           f"{medians['gate, joint'] / medians['single LoRA']:.2f} (CPU time: "
           f"{cpu_medians['gate, joint'] / cpu_medians['single LoRA']:.2f})")
