@@ -1,0 +1,243 @@
+"""The vectorized executor against the sequential one (SGD and Adam, unequal clients, FEMNIST and
+digits CNNs, FedProx, persistent optimizers), and what it refuses."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fedmoe.algorithms.base import ClientPlan
+from fedmoe.algorithms.fedprox import ProximalTerm
+from fedmoe.cli import main
+from fedmoe.data.digits import DigitsDataModule
+from fedmoe.data.femnist import FEMNISTDataModule
+from fedmoe.errors import ConfigError
+from fedmoe.executors import ClientTask, Sequential, build_executor
+from fedmoe.executors.vectorized import Vectorized, _OptimizerSpec
+from fedmoe.federation.loop import FederatedLoop, Federation
+from fedmoe.federation.runner import RunnerSettings
+from fedmoe.models.classifier import Classifier
+from fedmoe.models.networks import NETWORKS, register_network
+
+#: Adam's g / (sqrt(v) + eps) turns summation-order differences of gradients near eps into
+#: differences of up to ~lr / 10, so the end-to-end comparisons use eps 1e-6; the update rule itself is
+#: compared with torch.optim at the default eps on identical gradients.
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=1e-3, eps=1e-6, weight_decay=1e-3),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, eps=1e-6),
+}
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class DropoutNet(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Dropout(0.1), nn.Linear(8, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+for _name, _cls in (("test_vec_batchnorm", BatchNormNet), ("test_vec_dropout", DropoutNet)):
+    if _name not in NETWORKS:
+        register_network(_name)(_cls)
+
+
+def _module(network: str, optimizer: str, num_classes: int = 10, **kw) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(network, num_classes, optimizer=OPTIMIZERS[optimizer], **kw)
+
+
+def _run(executor, network, optimizer, dm, settings, num_classes=10, rounds=1, regularize=False):
+    """Results of ``rounds`` rounds of all clients from one start (optimizer states carried over)."""
+    module = _module(network, optimizer, num_classes)
+    dm.setup()
+    executor.bind(module, dm, settings)
+    start = {k: v.clone() for k, v in module.net.state_dict().items()}
+    reg = ProximalTerm(start, 0.5) if regularize else None
+    states = [None] * len(dm.splits.client_train)
+    for r in range(1, rounds + 1):
+        tasks = [ClientTask(c, ClientPlan(weights=start, regularizer=reg), states[c], keep_optimizer=True, round=r, seed=4)
+                 for c in range(len(states))]
+        outcomes = executor.run(tasks)
+        states = [o.optimizer_state for o in outcomes]
+    return outcomes
+
+
+def _assert_close(seq, vec, atol):
+    assert [o.result.client_id for o in seq] == [o.result.client_id for o in vec]
+    for a, b in zip(seq, vec):
+        assert a.result.num_samples == b.result.num_samples
+        assert a.result.metrics["steps"] == b.result.metrics["steps"]
+        assert a.result.metrics["loss"] == pytest.approx(b.result.metrics["loss"], rel=1e-4)
+        assert a.result.weights.keys() == b.result.weights.keys()
+        for key, value in a.result.weights.items():
+            torch.testing.assert_close(b.result.weights[key], value, atol=atol, rtol=1e-4, msg=key)
+        sa, sb = a.optimizer_state, b.optimizer_state
+        assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+        for i, entry in sa["state"].items():
+            assert entry.keys() == sb["state"][i].keys()
+            for name, value in entry.items():
+                torch.testing.assert_close(sb["state"][i][name], value, atol=atol, rtol=1e-3)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_digits_cnn_matches_sequential_with_unequal_clients(optimizer):
+    dm = DigitsDataModule(num_clients=3, batch_size=16, min_client_size=10)
+    settings = RunnerSettings(max_epochs=1, limit_train_batches=5)
+    seq = _run(Sequential(), "digits_cnn", optimizer, dm, settings)
+    vec = _run(Vectorized(), "digits_cnn", optimizer, dm, settings)
+    assert len({o.result.metrics["steps"] for o in seq}) > 1 or len({o.result.num_samples for o in seq}) > 1
+    _assert_close(seq, vec, atol=1e-5)
+
+
+def _random_leaf(root: Path, sizes: list[int]) -> None:
+    """LEAF JSON with random pixels: one train file of writers w0.. with ``sizes`` samples, and a test file."""
+    g = torch.Generator().manual_seed(0)
+    for split, counts in (("train", sizes), ("test", [2] * len(sizes))):
+        users = {f"w{i}": {"x": torch.rand(n, 784, generator=g).tolist(), "y": torch.randint(0, 62, (n,), generator=g).tolist()}
+                 for i, n in enumerate(counts)}
+        (root / split).mkdir(parents=True)
+        (root / split / f"all_data_0_niid_0_keep_0_{split}_9.json").write_text(
+            json.dumps({"users": list(users), "num_samples": counts, "user_data": users}))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_femnist_cnn_matches_sequential_with_unequal_clients_and_augmentation(tmp_path, optimizer):
+    _random_leaf(tmp_path, [6, 3, 20, 4, 2, 2])
+
+    def dm():
+        return FEMNISTDataModule(str(tmp_path), num_clients=2, writers_per_client=2, server_writers=1,
+                                 probe_writers=1, batch_size=8, val_fraction=0.0)
+
+    settings = RunnerSettings(max_epochs=1)
+    seq = _run(Sequential(), "femnist_cnn", optimizer, dm(), settings, num_classes=62)
+    vec = _run(Vectorized(), "femnist_cnn", optimizer, dm(), settings, num_classes=62)
+    assert [o.result.metrics["steps"] for o in seq] == [2, 3] and [o.result.num_samples for o in seq] == [9, 24]
+    _assert_close(seq, vec, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
+    lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.8, 0.95)),
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.1),
+])
+def test_optimizer_updates_equal_torch_optim_on_the_same_gradients(make):
+    """Two clients, one resuming with 3 earlier steps (per-client step counts), the other fresh."""
+    torch.manual_seed(0)
+    ref = [nn.Linear(4, 3) for _ in range(2)]
+    opts = [make(m.parameters()) for m in ref]
+    for _ in range(3):
+        ref[0].weight.grad, ref[0].bias.grad = torch.randn(3, 4), torch.randn(3)
+        opts[0].step()
+    module = Classifier("tests.federation.test_vectorized.TinyLinear", 3, optimizer=make)
+    spec = _OptimizerSpec.from_module(module)
+    keys = ["weight", "bias"]
+    train = {k: torch.stack([dict(m.named_parameters())[k].detach().clone() for m in ref]) for k in keys}
+    opt = spec.state_for([opts[0].state_dict(), None], train, keys)
+    for _ in range(4):
+        grads = {k: torch.randn_like(train[k]) for k in keys}
+        for i, m in enumerate(ref):
+            m.weight.grad, m.bias.grad = grads["weight"][i].clone(), grads["bias"][i].clone()
+            opts[i].step()
+        opt.step(keys, [train[k] for k in keys], [grads[k] for k in keys], 2)
+    for i, m in enumerate(ref):
+        torch.testing.assert_close(train["weight"][i], m.weight.detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(train["bias"][i], m.bias.detach(), atol=1e-6, rtol=1e-6)
+        saved = opt.client_state(i, pin=False)["state"]
+        for j, entry in opts[i].state_dict()["state"].items():
+            for name, value in entry.items():
+                torch.testing.assert_close(saved[j][name], value, atol=1e-6, rtol=1e-6)
+
+
+class TinyLinear(nn.Module):
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_classes, 4))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fedprox_clipping_and_persistent_optimizers_match_sequential(optimizer):
+    dm = DigitsDataModule(num_clients=3, batch_size=16, min_client_size=10)
+    settings = RunnerSettings(max_epochs=1, limit_train_batches=3, gradient_clip_val=0.5)
+    seq = _run(Sequential(), "digits_cnn", optimizer, dm, settings, rounds=2, regularize=True)
+    vec = _run(Vectorized(chunk_size=2), "digits_cnn", optimizer, dm, settings, rounds=2, regularize=True)
+    _assert_close(seq, vec, atol=1e-5)
+
+
+def test_federated_rounds_with_vectorized_clients_match_sequential(tmp_path):
+    def loop(executor):
+        module = _module("digits_cnn", "sgd")
+        fed = Federation(rounds=2, clients_per_round=3, executor=executor, eval_every=0, eval_last=False,
+                         client_eval=False, checkpoint_every=0, checkpoint_last=False, write_logs=False, progress=False)
+        run = FederatedLoop(fed, module, DigitsDataModule(num_clients=4, batch_size=32), RunnerSettings(max_epochs=1,
+                            limit_train_batches=3), run_dir=tmp_path / executor, seed=1)
+        run.fit()
+        return run.state["global"]
+
+    seq, vec = loop("sequential"), loop("vectorized")
+    for key, value in seq.items():
+        torch.testing.assert_close(vec[key], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("network, reason", [("test_vec_batchnorm", "running statistics"),
+                                             ("test_vec_dropout", "dropout")])
+def test_networks_it_cannot_batch_are_refused_naming_the_layer(network, reason):
+    dm = DigitsDataModule(num_clients=2)
+    dm.setup()
+    with pytest.raises(ConfigError, match=f"federation.executor vectorized cannot batch body.* {reason}"):
+        Vectorized().bind(_module(network, "sgd"), dm, RunnerSettings())
+
+
+def test_schedules_other_optimizers_and_accumulation_are_refused():
+    dm = DigitsDataModule(num_clients=2)
+    dm.setup()
+    with pytest.raises(ConfigError, match="learning-rate schedules"):
+        Vectorized().bind(_module("digits_cnn", "sgd", lr_schedule="linear"), dm, RunnerSettings())
+    module = Classifier("digits_cnn", 10, optimizer=lambda p: torch.optim.RMSprop(p, lr=0.1))
+    with pytest.raises(ConfigError, match="SGD, Adam and AdamW, not RMSprop"):
+        Vectorized().bind(module, dm, RunnerSettings())
+    with pytest.raises(ConfigError, match="accumulate_grad_batches=2"):
+        Vectorized().bind(_module("digits_cnn", "sgd"), dm, RunnerSettings(accumulate_grad_batches=2))
+
+
+def test_clients_of_different_architectures_or_regularizers_are_refused():
+    dm = DigitsDataModule(num_clients=2)
+    dm.setup()
+    module = _module("digits_cnn", "sgd")
+    executor = Vectorized()
+    executor.bind(module, dm, RunnerSettings())
+    full = {k: v.clone() for k, v in module.net.state_dict().items()}
+    part = {k: v for k, v in full.items() if not k.startswith("classifier")}
+    with pytest.raises(ConfigError, match="clients of one architecture: clients 0 and 1 differ at classifier"):
+        executor.run([ClientTask(0, ClientPlan(weights=full)), ClientTask(1, ClientPlan(weights=part))])
+    own = [ClientTask(c, ClientPlan(weights=full, regularizer=ProximalTerm(dict(full), 0.1))) for c in range(2)]
+    with pytest.raises(ConfigError, match="not per-client ProximalTerm regularizers"):
+        executor.run(own)
+
+
+def test_unknown_executor_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="'vectorised' is not an executor; use one of sequential, vectorized"):
+        build_executor("vectorised")
+
+
+def test_cli_refuses_fedmoe_on_the_vectorized_executor_with_one_line(tmp_path, capsys):
+    quickstart = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml")
+    code = main(["fit", "--config", quickstart, "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--federation.executor", "vectorized", "--federation.progress", "false"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("error: federation.executor vectorized does not run Fed-MoE")
+    assert not (tmp_path / "run").exists()
