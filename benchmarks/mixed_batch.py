@@ -13,7 +13,8 @@ at random so the experts differ, plus a random rank-4 correction each), greedy d
 
 Both sides use the KV cache, fp32, one torch thread. A warm-up of each, then ``--repeats`` timed
 runs of each, interleaved; tokens per second = 4 x tokens / seconds (median over repeats), and the
-ratio batched / sequential (target >= 2).
+ratio batched / sequential (target >= 2), by the wall clock and by the process's CPU time (one
+thread: the CPU time is what the work costs when other processes share the cores).
 
     OMP_NUM_THREADS=1 python benchmarks/mixed_batch.py [--model runs/models/smollm2-135m] [--tokens 32] [--repeats 3]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -72,6 +74,9 @@ def main() -> None:
     parser.add_argument("--model", default=str(REPO / "runs" / "models" / "smollm2-135m"))
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time one decoding step (KV cache of the prompts) of: 1 row with its expert, "
+                             "4 rows mixed, 4 rows with one adapter, 4 rows of the base")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, tok = build(args.model)
@@ -100,22 +105,69 @@ def main() -> None:
             total += out.shape[1] - ids.shape[1]
         return total
 
-    def timed(fn) -> tuple[float, int]:
-        start = time.perf_counter()
+    def timed(fn) -> tuple[float, float, int]:
+        wall, cpu = time.perf_counter(), time.process_time()
         tokens = fn()
-        return time.perf_counter() - start, tokens
+        return time.perf_counter() - wall, time.process_time() - cpu, tokens
 
+    n_full, n = n, 2  # warm-up: a short run of each side
     timed(batched)
     timed(sequential)
-    rates: dict[str, list[float]] = {"batched": [], "sequential": []}
+    n = n_full
+    rates: dict[str, list[tuple[float, float]]] = {"batched": [], "sequential": []}
     for rep in range(args.repeats):
         for name, fn in (("batched", batched), ("sequential", sequential)):
-            seconds, tokens = timed(fn)
-            rates[name].append(tokens / seconds)
-            print(f"repeat {rep + 1} {name}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tokens/s", flush=True)
-    b, s = statistics.median(rates["batched"]), statistics.median(rates["sequential"])
-    print(f"median tokens/s: batched {b:.1f}, sequential {s:.1f}; ratio batched / sequential {b / s:.2f} (target >= 2.0)")
+            wall, cpu, tokens = timed(fn)
+            rates[name].append((tokens / wall, tokens / cpu))
+            print(f"repeat {rep + 1} {name}: {tokens} tokens in {wall:.2f} s wall ({cpu:.2f} s CPU) = "
+                  f"{tokens / wall:.1f} tokens/s wall, {tokens / cpu:.1f} per CPU second", flush=True)
+    for i, clock in enumerate(("wall-clock", "CPU-time")):
+        b = statistics.median(r[i] for r in rates["batched"])
+        s = statistics.median(r[i] for r in rates["sequential"])
+        print(f"median tokens/s ({clock}): batched {b:.1f}, sequential {s:.1f}; ratio batched / sequential {b / s:.2f} "
+              "(target >= 2.0)")
+    if args.breakdown:
+        breakdown(model, agent)
+    print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
+
+@torch.no_grad()
+def breakdown(model: ExpertModel, agent: InferenceAgent, reps: int = 5) -> None:
+    """CPU milliseconds of one decoding step after the prompts (best of ``reps``): what batching
+    rows costs by itself, and what mixing adapters adds to it."""
+    import copy
+
+    rows = [agent.encode(p) for p in PROMPTS]
+    ids, mask = agent._batch(rows)
+    one = torch.tensor([rows[0]])
+    serving = [e + "__serve" for e in EXPERTS]
+    model.activate(EXPERTS[0])
+
+    def step(input_ids, attention_mask, **kw):
+        past = model.peft(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **kw).past_key_values
+        nxt = torch.full((input_ids.shape[0], 1), 5)
+        full = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
+
+        def run():
+            model.peft(input_ids=nxt, past_key_values=copy.deepcopy(past), attention_mask=full, use_cache=True, **kw)
+
+        run()
+        best = float("inf")
+        for _ in range(reps):
+            cpu = time.process_time()
+            run()
+            best = min(best, time.process_time() - cpu)
+        return best * 1000
+
+    cases = [
+        ("1 row, its expert active", lambda: step(one, torch.ones_like(one))),
+        ("4 rows, 4 experts (adapter_names)", lambda: step(ids, mask, adapter_names=serving)),
+        ("4 rows, one expert active", lambda: step(ids, mask)),
+    ]
+    for label, fn in cases:
+        print(f"decoding step, {label}: {fn():.1f} ms CPU", flush=True)
+    with model.peft.disable_adapter():
+        print(f"decoding step, 4 rows, base only: {step(ids, mask):.1f} ms CPU", flush=True)
 
 if __name__ == "__main__":
     main()
