@@ -167,6 +167,16 @@ def test_merge_is_the_exact_weighted_sum_of_the_experts_deltas():
     assert [p.adapter for p in answers[0].parts] == ["python__serve"]  # a single-expert route: its serving adapter
 
 
+def test_merged_adapters_beyond_the_cache_are_deleted_after_use():
+    model = experts_model()
+    agent = agent_for(model, "merge", max_merges=1)
+    answers = agent.generate(["explain the query", "python docstring", "python query"], max_new_tokens=2)
+    assert [len(a.route) for a in answers] == [2, 2, 2]
+    names = [a.parts[0].adapter for a in answers]
+    assert len(set(names)) == 3
+    assert [n in model.peft.peft_config for n in names] == [False, False, True]
+
+
 # ------------------------------------------------------------------------------------ coordinator
 
 

@@ -250,11 +250,15 @@ class InferenceAgent:
         self._install(name, factors)
         self._merges[key] = (name, versions)
         self._merges.move_to_end(key)
+        return name
+
+    def _evict(self) -> None:
+        """Delete the least recently used merged adapters beyond ``max_merges`` (after a generation,
+        so none of the batch's is deleted before it is used)."""
         while len(self._merges) > self.max_merges:
             _, (old, _) = self._merges.popitem(last=False)
             self.model.peft.delete_adapter(old)
             self._ranks.pop(old, None)
-        return name
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -328,6 +332,7 @@ class InferenceAgent:
                 else:
                     jobs.append((i, r.experts, r.weights, self._merged(r.pairs, served)))
             tokens = self._generate([encoded[i] for i, *_ in jobs], [j[3] for j in jobs], **generate_kwargs)
+            self._evict()
         answers = [Answer(p, r, []) for p, r in zip(prompts, routes)]
         for (i, experts, weights, adapter), toks in zip(jobs, tokens):
             versions = tuple(served[e][1] for e in experts)
