@@ -442,7 +442,7 @@ def _gated_forward(moe: MoELoRA, index: int, module: nn.Module):
         if torch.is_grad_enabled():
             moe._record(logits)
         weights = moe.gate_weights(logits).to(h.dtype)
-        h = h * (weights.index_select(-1, plan.owner) * plan.scale.to(h.dtype))
+        h = h * (weights.index_select(-1, plan.owner.to(h.device)) * plan.scale.to(h.device, h.dtype))
         b = torch.cat([module.lora_B[n].weight for n in plan.lora + plan.corr], dim=1)
         if result.dtype == h.dtype:
             out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
