@@ -284,6 +284,24 @@ def test_gate_save_load_round_trip_and_the_same_experts_in_another_order(tmp_pat
     assert torch.allclose(gate_logits(permuted), out, atol=1e-6)
 
 
+def test_pefts_own_save_and_load_of_an_expert_work_with_the_gate_installed(tmp_path):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    source = MoELoRA(experts(), mode="dense")
+    source.force = "sql"
+    expected = gate_logits(source)
+    source.model.peft.save_pretrained(tmp_path, selected_adapters=["sql"])
+    saved = load_file(str(tmp_path / "sql" / "adapter_model.safetensors"))
+    assert saved and all("lora_" in k and "gate" not in k for k in saved)
+    target_model = ExpertModel(build_causal_lm(tiny_causal_config("qwen2", VOCAB)), NAMES, LORA, correction_rank=2)
+    target_model.load_corrections("sql", source.model.correction_factors("sql"))
+    target = MoELoRA(target_model, mode="dense")
+    set_peft_model_state_dict(target_model.peft, saved, adapter_name="sql")
+    target.force = "sql"
+    assert torch.allclose(gate_logits(target), expected, atol=1e-6)
+
+
 def test_a_gate_for_another_set_of_experts_is_refused_naming_both(tmp_path):
     model = experts()
     moe = MoELoRA(model, experts=("python", "sql"))
