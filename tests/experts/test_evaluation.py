@@ -4,11 +4,10 @@ greedy generation on a tiny Qwen2, the domains x models loss table, router accur
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
-import pandas  # noqa: F401  (imported at collection, like peft: an import is not a test's time)
-import peft  # noqa: F401  (imported at collection: its import is not a test's time)
 import pytest
 import torch
 
@@ -37,6 +36,8 @@ CHAT = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
+for _module in ("pandas", "peft"):  # imported at collection: an import is not a test's time
+    importlib.import_module(_module)
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "init_seed": 0}
 LIMITS = SandboxLimits(timeout_s=5.0, memory_mb=256)
 
@@ -135,6 +136,7 @@ def test_the_prompt_is_the_experts_training_prompt(mbpp_file):
     ("Sure! The function is below.\ndef k(a):\n    return a * 2\n", "def k(a):\n    return a * 2\n"),
     ("def m():\n    return 0", "def m():\n    return 0\n"),
     ("```python\nx = 1\n```\n```python\ny = 2\n```", "x = 1\ny = 2\n"),
+    ("def w(n):\n    return n\n\nassert w(1) == 1\n```\n\nThe `w` function returns n.", "def w(n):\n    return n\n\nassert w(1) == 1\n"),
 ])
 def test_code_is_extracted_from_fenced_and_unfenced_completions(completion, code):
     assert extract_code(completion) == code
@@ -311,7 +313,9 @@ def test_a_run_folders_stored_expert_is_loaded_into_the_model(run_folder):
     assert versions == {"python": 0} and "LoRA r=4" in described
     got = model.expert_state("python")
     assert all(torch.equal(got[k], state[k]) for k in state)
-    assert not list((root / "run" / "experts" / "python").glob("snapshot-*"))[1:]  # nothing new written
+    before = {p: p.stat().st_mtime_ns for p in (root / "run").rglob("*")}
+    load_run_experts(root / "run")
+    assert {p: p.stat().st_mtime_ns for p in (root / "run").rglob("*")} == before  # the run folder is only read
 
 
 def test_the_command_scores_an_expert_of_a_run_folder(run_folder, tmp_path, capsys):
@@ -331,6 +335,15 @@ def test_the_references_command_passes_every_reference_solution(run_folder, caps
     assert "pass@1 1.0000 (3/3)" in out and "task 13: passed" in out
 
 
+def test_saved_completions_are_rescored_without_generating(run_folder, tmp_path, capsys):
+    root, _ = run_folder
+    saved = tmp_path / "saved.jsonl"
+    saved.write_text(json.dumps({"task_id": 12, "completion": "def square(x):\n    return x ** 2\n```\nDone."}) + "\n"
+                     + json.dumps({"task_id": 11, "completion": "def add(a, b):\n    return a - b"}) + "\n")
+    assert main(["score", "--completions", str(saved), "--data", str(root / "mbpp.jsonl"), "--quiet"]) == 0
+    assert "pass@1 0.5000 (1/2)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["mbpp", "--model", "/no/such/model", "--tasks", "11"], "causal LM folder '/no/such/model' does not exist"),
     (["mbpp", "--model", "{base}", "--tasks", "11-9"], "the range 11-9 is empty"),
@@ -340,6 +353,7 @@ def test_the_references_command_passes_every_reference_solution(run_folder, caps
     (["mbpp", "--model", "{base}", "--expert", "python", "--tasks", "11"], "--expert needs --expert-run"),
     (["references", "--tasks", "11", "--workers", "0"], "workers must be an integer >= 1"),
     (["mbpp", "--tasks", "11", "--max-new-tokens", "x"], "invalid int value"),
+    (["score", "--completions", "{base}/none.jsonl"], "completions file"),
 ])
 def test_bad_input_is_one_error_line_and_exit_code_2(run_folder, capsys, args, message):
     root, _ = run_folder

@@ -10,6 +10,9 @@ command stored them; ``--model`` overrides the base folder)
 ``python -m fedmoe.experts.evaluate_command references --tasks 11-510`` (every reference solution
 through the sandbox: all should pass)
 
+``python -m fedmoe.experts.evaluate_command score --completions base.jsonl`` (the completions of an
+earlier run, scored again without generating)
+
 Each prints pass@1, the failure kinds and the minutes spent; ``--out FILE.jsonl`` keeps one record
 per problem. Bad input (a missing model folder, a task range the data lacks, an unknown expert) is
 one ``error:`` line and exit code 2.
@@ -20,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +39,8 @@ def load_run_experts(run_dir: str | Path, base: str | None = None, tokenizer: st
                      dtype: str | None = None) -> tuple[Any, Any, str, dict[str, int]]:
     """``(ExpertModel, tokenizer, description, versions)`` of an experts run folder: the model as
     the ``experts`` command built it (its ``run.json`` settings, :func:`fedmoe.experts.command.load_model`)
-    with every stored expert's latest version loaded from the coordinator's store (read only: no
-    snapshot is written). ``base`` / ``tokenizer`` / ``dtype`` override the run's."""
+    with every stored expert's latest version loaded from the coordinator's store (opened on a
+    temporary copy: the run folder is only read, even while a session writes to it). ``base`` / ``tokenizer`` / ``dtype`` override the run's."""
     from fedmoe.experts.command import CoordinatorSettings, LoRASettings, ModelSettings, load_model
     from fedmoe.experts.coordinator import ExpertCoordinator
 
@@ -58,24 +63,30 @@ def load_run_experts(run_dir: str | Path, base: str | None = None, tokenizer: st
     if dtype is not None:
         msettings.dtype = dtype
     seed = _run_seed(root)
-    coordinator = ExpertCoordinator(
-        str(root / "experts"), mode=csettings.mode, rule=csettings.rule, staleness=csettings.staleness,
-        mix=csettings.mix, buffer_size=csettings.buffer_size, server_lr=csettings.server_lr,
-        round_size=csettings.round_size, rank_budget=csettings.rank_budget, rank_slack=csettings.rank_slack,
-        history=csettings.history, snapshot_every=2**62, fsync=False, seed=seed,
-    )
-    try:
-        stored = coordinator.experts()
-        if not stored:
-            raise CheckpointError(f"run folder {root} holds no trained expert (its store {root / 'experts'} is empty)")
-        lm, tok, described = load_model(msettings, names, seed)
-        versions = {}
-        for name in stored:
-            snap = coordinator.snapshot(name)
-            lm.load_expert(name, snap.adapter, snap.correction)
-            versions[name] = snap.version
-    finally:
-        coordinator.close()
+    store = root / "experts"
+    if not store.is_dir():
+        raise CheckpointError(f"run folder {root} has no expert store ({store}); train experts there first")
+    with tempfile.TemporaryDirectory(prefix="fedmoe-evaluate-") as tmp:
+        # a copy: opening a store cuts a torn last record, which may be a record a running session is writing
+        copy = shutil.copytree(store, Path(tmp) / "experts")
+        coordinator = ExpertCoordinator(
+            str(copy), mode=csettings.mode, rule=csettings.rule, staleness=csettings.staleness,
+            mix=csettings.mix, buffer_size=csettings.buffer_size, server_lr=csettings.server_lr,
+            round_size=csettings.round_size, rank_budget=csettings.rank_budget, rank_slack=csettings.rank_slack,
+            history=csettings.history, snapshot_every=2**62, fsync=False, seed=seed,
+        )
+        try:
+            stored = coordinator.experts()
+            if not stored:
+                raise CheckpointError(f"run folder {root} holds no trained expert (its store {store} is empty)")
+            lm, tok, described = load_model(msettings, names, seed)
+            versions = {}
+            for name in stored:
+                snap = coordinator.snapshot(name)
+                lm.load_expert(name, snap.adapter, snap.correction)
+                versions[name] = snap.version
+        finally:
+            coordinator.close()
     return lm, tok, described, versions
 
 
@@ -131,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(m)
     r = sub.add_parser("references", help="run MBPP's reference solutions through the sandbox (harness check)")
     common(r)
+    s = sub.add_parser("score", help="rescore saved completions (a .jsonl written with --out) without generating")
+    s.add_argument("--completions", required=True, help="records of an earlier mbpp run (task_id, completion)")
+    common(s)
+    s.set_defaults(tasks=None)
     return parser
 
 
@@ -171,12 +186,25 @@ def _load_generator(args):
 
 def run(args) -> Any:
     """One subcommand for parsed ``args``; returns the :class:`~fedmoe.experts.evaluation.MBPPReport`."""
-    from fedmoe.experts.evaluation import evaluate_mbpp, parse_task_ids, read_mbpp_tasks, reference_generator
+    from fedmoe.experts.evaluation import (
+        evaluate_mbpp,
+        fixed_generator,
+        parse_task_ids,
+        read_completions,
+        read_mbpp_tasks,
+        reference_generator,
+    )
 
+    saved = read_completions(args.completions) if args.command == "score" else None
+    if args.tasks is None:
+        args.tasks = ",".join(map(str, saved))
     tasks = read_mbpp_tasks(args.data, parse_task_ids(args.tasks))
     limits = _limits(args)
     if args.command == "references":
         generate, described = reference_generator(tasks), "MBPP reference solutions"
+        batch = 64
+    elif args.command == "score":
+        generate, described = fixed_generator(tasks, saved), f"completions of {args.completions}"
         batch = 64
     else:
         if args.batch_size < 1:

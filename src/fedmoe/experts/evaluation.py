@@ -145,9 +145,13 @@ _CODE_START = re.compile(r"^(def |class |import |from \w[\w.]* import |@|[A-Za-z
 
 def extract_code(completion: str) -> str:
     """The program in a completion: the fenced blocks (```python ... ```, an unclosed last fence
-    running to the end) that are Python or untagged, joined, preferring those that define something
-    (``def`` / ``class``); without a fence, the text from its first line that starts code (``def``,
+    running to the end, code before a lone closing fence) that are Python or untagged, joined,
+    preferring those that define something (``def`` / ``class``); without a fence, the text from its first line that starts code (``def``,
     ``class``, ``import``, ``from .. import``, a decorator, an assignment), else the whole text."""
+    first = completion.find("```")
+    lead = _CODE_START.search(completion[:first]) if first > 0 else None
+    if lead is not None and re.search(r"^(def|class) ", completion[:first], re.M):
+        completion = "```\n" + completion[lead.start():]  # code, then a closing fence without an opening one
     blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(completion)]
     if blocks:
         python = [b for lang, b in blocks if lang in ("", "python", "py", "python3")] or [b for _, b in blocks]
@@ -280,8 +284,36 @@ def _record(item: tuple[MBPPTask, str, float, Any], on_record) -> ProblemRecord:
 def reference_generator(tasks: Sequence[MBPPTask]) -> Generate:
     """A ``generate`` that answers each task's prompt with its reference code (a harness check:
     every reference solution should pass)."""
-    by_prompt = {t.prompt(): t.code for t in tasks}
+    return fixed_generator(tasks, {t.task_id: t.code for t in tasks})
+
+
+def fixed_generator(tasks: Sequence[MBPPTask], completions: Mapping[int, str]) -> Generate:
+    """A ``generate`` that answers each task's prompt with ``completions[task_id]`` (rescoring
+    saved completions without generating again)."""
+    missing = [t.task_id for t in tasks if t.task_id not in completions]
+    if missing:
+        raise DataError(f"no completion for task {missing[0]} ({len(missing)} of {len(tasks)} tasks have none)")
+    by_prompt = {t.prompt(): completions[t.task_id] for t in tasks}
     return lambda prompts: [by_prompt[p] for p in prompts]
+
+
+def read_completions(path: str | Path) -> dict[int, str]:
+    """``task_id -> completion`` from a records file written by :meth:`MBPPReport.write_jsonl`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"completions file {path} does not exist; give a .jsonl written with --out")
+    out: dict[int, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out[int(rec["task_id"])] = str(rec["completion"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: line {n} is not a record with task_id and completion") from None
+    if not out:
+        raise DataError(f"{path} holds no completions")
+    return out
 
 
 # ------------------------------------------------------------------------------------ generation
