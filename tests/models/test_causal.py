@@ -156,6 +156,25 @@ def test_only_the_active_experts_lora_trains_its_correction_and_the_others_stay_
     assert model.peft.base_model.model.model.layers[0].self_attn.q_proj.active_adapters == ["sql", correction_name("sql")]
 
 
+def test_adding_an_expert_starts_it_at_the_base_and_leaves_the_others_and_the_active_one_alone():
+    model = experts()
+    randomise(model, "python", seed=1)
+    randomise(model, "sql", seed=2)
+    model.activate("sql")
+    before = {e: logits(model, e) for e in ("python", "sql", None)}
+    model.activate("sql")
+    model.add_expert("docs")
+    assert model.experts == ("python", "sql", "docs") and model.active == "sql"
+    trainable = {n for n, p in model.peft.named_parameters() if p.requires_grad}
+    assert trainable and all(".sql." in n for n in trainable)
+    assert model.correction_factors("docs") and all(float(u.abs().sum()) == 0 for u, _ in model.correction_factors("docs").values())
+    for e in ("python", "sql", None):
+        assert torch.equal(logits(model, e), before[e])
+    torch.testing.assert_close(logits(model, "docs"), before[None])  # B = 0: the new expert is the base
+    with pytest.raises(DataError, match="expert names repeat"):
+        model.add_expert("sql")
+
+
 def test_correction_is_exact_effective_delta_is_uv_plus_sba_in_the_layer_forward():
     model = experts(rank=3)
     randomise(model, "python", seed=3)

@@ -196,6 +196,7 @@ class ExpertModel(nn.Module):
         )
         k = self.correction_rank
         corr_cfg = LoraConfig(task_type="CAUSAL_LM", r=k, lora_alpha=k, lora_dropout=0.0, target_modules=targets)
+        self._configs = (expert_cfg, corr_cfg)
         with torch.random.fork_rng(devices=[], enabled=spec.init_seed is not None), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             if spec.init_seed is not None:
@@ -209,6 +210,20 @@ class ExpertModel(nn.Module):
             self.load_corrections(name, None)
         self.active: str | None = None
         self.activate(self.experts[0])
+
+    def add_expert(self, name: str) -> None:
+        """Grow the model by one expert (continual growth): its LoRA ``name`` (PEFT's initialisation,
+        B = 0, so the new expert starts as the base) and its zero correction; the active expert and
+        its gradients are kept, the existing experts untouched."""
+        _check_expert_names([*self.experts, name])
+        expert_cfg, corr_cfg = self._configs
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            self.peft.add_adapter(name, expert_cfg)
+            self.peft.add_adapter(correction_name(name), corr_cfg)
+        self.experts = (*self.experts, name)
+        self.load_corrections(name, None)
+        self.activate(self.active)
 
     # ------------------------------------------------------------------------ adapters and state
 
