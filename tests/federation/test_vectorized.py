@@ -92,13 +92,15 @@ def _assert_close(seq, vec, atol):
                 torch.testing.assert_close(sb["state"][i][name], value, atol=atol, rtol=1e-3)
 
 
+@pytest.mark.parametrize("compute", ["vmap", "loop"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_digits_cnn_matches_sequential_with_unequal_clients(optimizer):
-    dm = DigitsDataModule(num_clients=3, batch_size=16, min_client_size=10)
-    settings = RunnerSettings(max_epochs=1, limit_train_batches=5)
+def test_digits_cnn_matches_sequential_with_unequal_clients(optimizer, compute):
+    dm = DigitsDataModule(num_clients=3, batch_size=32, min_client_size=10)
+    settings = RunnerSettings(max_epochs=1)
     seq = _run(Sequential(), "digits_cnn", optimizer, dm, settings)
-    vec = _run(Vectorized(), "digits_cnn", optimizer, dm, settings)
-    assert len({o.result.metrics["steps"] for o in seq}) > 1 or len({o.result.num_samples for o in seq}) > 1
+    vec = _run(Vectorized(compute=compute), "digits_cnn", optimizer, dm, settings)
+    assert len({o.result.metrics["steps"] for o in seq}) > 1
+    assert any(o.result.num_samples % 32 for o in seq)
     _assert_close(seq, vec, atol=1e-5)
 
 
@@ -123,7 +125,7 @@ def test_femnist_cnn_matches_sequential_with_unequal_clients_and_augmentation(tm
 
     settings = RunnerSettings(max_epochs=1)
     seq = _run(Sequential(), "femnist_cnn", optimizer, dm(), settings, num_classes=62)
-    vec = _run(Vectorized(), "femnist_cnn", optimizer, dm(), settings, num_classes=62)
+    vec = _run(Vectorized(compute="vmap"), "femnist_cnn", optimizer, dm(), settings, num_classes=62)
     assert [o.result.metrics["steps"] for o in seq] == [2, 3] and [o.result.num_samples for o in seq] == [9, 24]
     _assert_close(seq, vec, atol=1e-5)
 
@@ -151,7 +153,7 @@ def test_optimizer_updates_equal_torch_optim_on_the_same_gradients(make):
         for i, m in enumerate(ref):
             m.weight.grad, m.bias.grad = grads["weight"][i].clone(), grads["bias"][i].clone()
             opts[i].step()
-        opt.step(keys, [train[k] for k in keys], [grads[k] for k in keys], 2)
+        opt.step(keys, [train[k] for k in keys], [grads[k] for k in keys], slice(0, 2))
     for i, m in enumerate(ref):
         torch.testing.assert_close(train["weight"][i], m.weight.detach(), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(train["bias"][i], m.bias.detach(), atol=1e-6, rtol=1e-6)
@@ -168,12 +170,13 @@ class TinyLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_classes))
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_fedprox_clipping_and_persistent_optimizers_match_sequential(optimizer):
+@pytest.mark.parametrize("optimizer, compute", [("sgd", "vmap"), ("adamw", "vmap"), ("adamw", "loop")])
+def test_fedprox_clipping_and_persistent_optimizers_match_sequential(optimizer, compute):
     dm = DigitsDataModule(num_clients=3, batch_size=16, min_client_size=10)
     settings = RunnerSettings(max_epochs=1, limit_train_batches=3, gradient_clip_val=0.5)
     seq = _run(Sequential(), "digits_cnn", optimizer, dm, settings, rounds=2, regularize=True)
-    vec = _run(Vectorized(chunk_size=2), "digits_cnn", optimizer, dm, settings, rounds=2, regularize=True)
+    vec = _run(Vectorized(chunk_size=2, compute=compute), "digits_cnn", optimizer, dm, settings, rounds=2,
+               regularize=True)
     _assert_close(seq, vec, atol=1e-5)
 
 

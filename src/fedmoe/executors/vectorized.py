@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +51,20 @@ class Vectorized(Executor):
     Args:
         chunk_size: at most this many clients per batched model (memory grows with it); None: the
             whole round at once.
+        compute: how a step's gradients are computed: ``vmap`` (all clients in one batched call) or
+            ``loop`` (one ``torch.func.grad`` call per client, then one batched optimizer step for all;
+            on a CPU, where a compute-bound model gains nothing from batching, vmap's grouped
+            convolutions can be slower than one client at a time); None: ``vmap`` on a GPU, ``loop``
+            on the CPU. The results are the same either way (to float rounding).
     """
 
-    def __init__(self, chunk_size: int | None = None) -> None:
+    def __init__(self, chunk_size: int | None = None, compute: Literal["vmap", "loop"] | None = None) -> None:
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ConfigError(f"federation.executor.chunk_size={chunk_size!r} must be an integer >= 1, or null")
+        if compute not in (None, "vmap", "loop"):
+            raise ConfigError(f"federation.executor.compute={compute!r} must be vmap, loop or null")
         self.chunk_size = chunk_size
+        self.compute = compute
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -169,25 +177,41 @@ class Vectorized(Executor):
                 loss = loss + regularizer(_ParamView(params))
             return loss, loss.detach()
 
-        step_fn = vmap(grad_and_value(client_loss, has_aux=True), in_dims=(0, 0, None, 0, 0, 0))
+        one_fn = grad_and_value(client_loss, has_aux=True)
+        batched_fn = vmap(one_fn, in_dims=(0, 0, None, 0, 0, 0))
+        compute = self.compute or ("loop" if dev.type == "cpu" else "vmap")
+
+        def step(rows: slice, x, y, w) -> None:
+            """One optimizer step of the clients ``rows`` (a slice of the stack) on their batches."""
+            params = {key: v[rows] for key, v in train.items()}
+            fixed = {key: v[rows] for key, v in fixed_batched.items()}
+            if compute == "vmap":
+                grads, (_, loss) = batched_fn(params, fixed, shared, x, y, w)
+            else:  # one client: rows is i:i+1
+                one = {key: v[0] for key, v in params.items()}
+                grads, (_, loss) = one_fn(one, {key: v[0] for key, v in fixed.items()}, shared, x[0], y[0], w[0])
+                grads = {key: g.unsqueeze(0) for key, g in grads.items()}
+            loss_sum[rows] += loss.detach().to(torch.float64)
+            grads = [grads[key] for key in trainable]
+            _clip(grads, self.settings)
+            opt.step(trainable, [params[key] for key in trainable], grads, rows)
+
         width = max((len(b[1]) for c in clients for b in c.batches), default=0)
         loss_sum = torch.zeros(n, dtype=torch.float64, device=dev)
         for t in range(max(steps, default=0)):
             k = sum(1 for s in steps if s > t)
             x, y, w = _stack_batches([c.batches[t] for c in clients[:k]], width, dev)
-            params = {key: v[:k] for key, v in train.items()}
-            fixed = {key: v[:k] for key, v in fixed_batched.items()}
             try:
-                grads, (_, loss) = step_fn(params, fixed, shared, x, y, w)
+                if compute == "vmap":
+                    step(slice(0, k), x, y, w)
+                else:
+                    for i in range(k):
+                        step(slice(i, i + 1), x[i : i + 1], y[i : i + 1], w[i : i + 1])
             except RuntimeError as e:
                 if "randomness" in str(e):
                     raise ConfigError(f"{_PREFIX}: the network draws random numbers in training (dropout?), "
                                       "which cannot be reproduced per client; use federation.executor sequential") from None
                 raise
-            loss_sum[:k] += loss.detach().to(torch.float64)
-            grads = [grads[key] for key in trainable]
-            _clip(grads, self.settings)
-            opt.step(trainable, [params[key] for key in trainable], grads, k)
         return self._outcomes(clients, train, fixed_batched, shared, current, opt, loss_sum, steps)
 
     def _outcomes(self, clients, train, fixed_batched, shared, current, opt, loss_sum, steps) -> list[ClientOutcome]:
@@ -367,12 +391,13 @@ class _StackedOptimizer:
                 if "step" in entry:
                     self.steps[i] = int(float(entry["step"]))
 
-    def step(self, keys: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], k: int) -> None:
+    def step(self, keys: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], rows: slice) -> None:
+        """Update the clients ``rows`` of the stack: ``params`` and ``grads`` are those rows."""
         groups: dict[tuple, list[int]] = {}
         for j, key in enumerate(keys):
             h = self.spec.hyper[key]
             groups.setdefault(tuple(sorted((a, repr(b)) for a, b in h.items())), []).append(j)
-        for i in range(k):
+        for i in range(*rows.indices(len(self.steps))):
             self.steps[i] += 1
         for idx in groups.values():
             h = self.spec.hyper[keys[idx[0]]]
@@ -380,20 +405,20 @@ class _StackedOptimizer:
             gs = [grads[j] for j in idx]
             sub = [keys[j] for j in idx]
             if self.spec.kind == "sgd":
-                self._sgd(h, sub, ps, gs, k)
+                self._sgd(h, sub, ps, gs, rows)
             else:
-                self._adam(h, sub, ps, gs, k)
+                self._adam(h, sub, ps, gs, rows)
         if self.spec.kind == "sgd":
-            for i in range(k):
+            for i in range(*rows.indices(len(self.steps))):
                 self.has_buf[i] = True
 
-    def _sgd(self, h, keys, ps, gs, k) -> None:
+    def _sgd(self, h, keys, ps, gs, rows: slice) -> None:
         lr, wd, momentum = float(h["lr"]), float(h["weight_decay"]), float(h["momentum"])
         if wd != 0:
             gs = torch._foreach_add(gs, ps, alpha=wd)
         if momentum != 0:
-            bufs = [self.bufs["momentum_buffer"][key][:k] for key in keys]
-            have = self.has_buf[:k]
+            bufs = [self.bufs["momentum_buffer"][key][rows] for key in keys]
+            have = self.has_buf[rows]
             if all(have):
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, gs, alpha=1 - float(h["dampening"]))
@@ -407,12 +432,12 @@ class _StackedOptimizer:
             gs = torch._foreach_add(gs, bufs, alpha=momentum) if h["nesterov"] else bufs
         torch._foreach_add_(ps, gs, alpha=-lr)
 
-    def _adam(self, h, keys, ps, gs, k) -> None:
+    def _adam(self, h, keys, ps, gs, rows: slice) -> None:
         lr, wd, eps = float(h["lr"]), float(h["weight_decay"]), float(h["eps"])
         beta1, beta2 = (float(b) for b in h["betas"])
         decoupled = self.spec.kind == "adamw" or bool(h.get("decoupled_weight_decay", False))
-        m = [self.bufs["exp_avg"][key][:k] for key in keys]
-        v = [self.bufs["exp_avg_sq"][key][:k] for key in keys]
+        m = [self.bufs["exp_avg"][key][rows] for key in keys]
+        v = [self.bufs["exp_avg_sq"][key][rows] for key in keys]
         if wd != 0:
             if decoupled:
                 torch._foreach_mul_(ps, 1 - lr * wd)
@@ -421,7 +446,7 @@ class _StackedOptimizer:
         torch._foreach_lerp_(m, gs, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, gs, gs, value=1 - beta2)
-        steps = self.steps[:k]
+        steps = self.steps[rows]
         if len(set(steps)) == 1:
             step = steps[0]
             step_size = lr / (1 - beta1**step)
