@@ -54,6 +54,11 @@ def test_a_hanging_program_is_killed_at_the_wall_clock_limit(iso):
     assert 0.6 <= result.seconds < 1.5
 
 
+def test_a_busy_loop_is_stopped_at_the_cpu_limit(iso):
+    result = run_program("while True:\n    pass\n", SandboxLimits(timeout_s=10.0, cpu_s=1), iso)
+    assert (result.status, result.kind) == ("timeout", "cpu_limit") and result.seconds < 5
+
+
 def test_a_fork_bomb_is_contained_and_leaves_no_process(iso):
     guarded = run_program("import os\nwhile True:\n    os.fork()\n", FAST, iso)
     assert (guarded.status, guarded.kind) == ("error", "blocked:process")
@@ -130,7 +135,8 @@ def test_exit_statuses_map_to_outcomes():
     assert classify_failure(3, "") == ("error", "exit:3")
 
 
-@pytest.mark.parametrize("bad", [{"timeout_s": 0}, {"timeout_s": float("inf")}, {"memory_mb": 1}, {"processes": 0}])
+@pytest.mark.parametrize("bad", [{"timeout_s": 0}, {"timeout_s": float("inf")}, {"cpu_s": 0}, {"memory_mb": 1},
+                                 {"processes": 0}])
 def test_bad_limits_are_config_errors(bad):
     with pytest.raises(ConfigError, match="sandbox"):
         SandboxLimits(**bad)

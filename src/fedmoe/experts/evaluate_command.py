@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default=DEFAULT_DATA, help="mbpp.jsonl (or the sanitized subset's JSON list)")
         p.add_argument("--tasks", default="11-510", help="task ids: 11-510 (the test split), 11-110, 11-20,31, ...")
         p.add_argument("--workers", type=int, default=2, help="programs run at a time")
-        p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
+        p.add_argument("--timeout", type=float, default=20.0, help="wall-clock seconds per program")
+        p.add_argument("--cpu-seconds", type=int, default=10, help="CPU seconds per program")
         p.add_argument("--memory-mb", type=int, default=512, help="address space per program (MiB)")
         p.add_argument("--out", default=None, help="write one JSON record per problem to this .jsonl file")
         p.add_argument("--quiet", action="store_true", help="no line per problem")
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _limits(args):
     from fedmoe.experts.sandbox import SandboxLimits
 
-    return SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb)
+    return SandboxLimits(timeout_s=args.timeout, cpu_s=args.cpu_seconds, memory_mb=args.memory_mb)
 
 
 def _load_generator(args):

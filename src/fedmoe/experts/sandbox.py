@@ -61,6 +61,10 @@ _cfg = json.loads(sys.argv[1])
 for _name, _soft, _hard in _cfg["rlimits"]:
     resource.setrlimit(getattr(resource, _name), (_soft, _hard))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+def _cpu_limit(signum, frame):
+    os.write(2, b"\nCPU time limit exceeded\n")
+    os._exit(128 + signum)
+signal.signal(signal.SIGXCPU, _cpu_limit)
 def _blocked(what):
     def f(*args, **kwargs):
         raise PermissionError(what + " BLOCKED")
@@ -89,8 +93,10 @@ class SandboxLimits:
     """What one program may use.
 
     Args:
-        timeout_s: wall-clock seconds before the process group is killed.
-        cpu_s: CPU seconds (``RLIMIT_CPU``; SIGXCPU ends the program); default ceil(timeout_s).
+        timeout_s: wall-clock seconds before the program is killed. Twice ``cpu_s`` by default: on
+            a loaded machine a program gets less than a core (MBPP task 123's reference solution
+            needs 4 s of CPU and took 8-10 s of wall clock with 2 sandbox workers on a busy 2-core machine).
+        cpu_s: CPU seconds (``RLIMIT_CPU``; SIGXCPU ends the program); None: ceil(timeout_s).
         memory_mb: address space (``RLIMIT_AS``) in MiB; an allocation beyond it raises MemoryError.
         processes: ``RLIMIT_NPROC`` (processes and threads of the sandbox's user id), where a
             separate user id is available.
@@ -99,8 +105,8 @@ class SandboxLimits:
         open_files: ``RLIMIT_NOFILE``.
     """
 
-    timeout_s: float = 10.0
-    cpu_s: int | None = None
+    timeout_s: float = 20.0
+    cpu_s: int | None = 10
     memory_mb: int = 512
     processes: int = 16
     output_bytes: int = 2048
@@ -143,7 +149,8 @@ class SandboxResult:
     """One program's outcome.
 
     ``status``: ``passed`` (exit code 0), ``failed`` (an AssertionError: a test did not hold),
-    ``timeout`` (wall clock or CPU limit) or ``error`` (any other exception or signal). ``kind``
+    ``timeout`` (wall clock or CPU limit) or ``error`` (any other exception or signal; in a PID
+    namespace ``unshare`` reports a death by signal as exit code 1, kind ``exit:1``). ``kind``
     names the failure: the exception's type (``NameError``, ``SyntaxError``, ``MemoryError``, ...),
     ``timeout``, ``cpu_limit``, ``output_limit``, ``blocked:network``, ``blocked:process``,
     ``signal:SIGSEGV``; empty when passed. ``stdout`` and ``stderr`` are tails (``truncated`` says
@@ -253,7 +260,7 @@ def classify_failure(returncode: int, stderr: str) -> tuple[Status, str]:
     """``(status, kind)`` of a program that exited with ``returncode`` and wrote ``stderr``."""
     if returncode == 0:
         return "passed", ""
-    if returncode < 0 or returncode > 128:
+    if returncode < 0 or 128 < returncode < 128 + 65:
         signum = -returncode if returncode < 0 else returncode - 128
         if signum == signal.SIGXCPU:
             return "timeout", "cpu_limit"
