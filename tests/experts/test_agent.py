@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import peft
 import pytest
@@ -16,11 +15,11 @@ import torch
 from fedmoe.errors import ConfigError, DataError
 from fedmoe.experts import ExpertCoordinator, Update
 from fedmoe.experts.agent import SEED_TASKS, SERVE_SUFFIX, InferenceAgent, run_sample_tasks
-from fedmoe.experts.routers import KeywordRouter
+from fedmoe.experts.routers import REFERENCE_TABLE, KeywordRouter
 from fedmoe.models.causal import ExpertModel, build_causal_lm, tiny_causal_config
 
 PEFT = peft.__version__  # imported at collection: its import is not a test's time
-ROUTES = Path(__file__).resolve().parents[2] / "experiments" / "qwen" / "routes.yaml"
+ROUTES = REFERENCE_TABLE
 EXPERTS = ("python", "sql", "docs")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = ("write a python function to sort list script query the 'users' database how do i use new "

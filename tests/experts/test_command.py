@@ -11,7 +11,7 @@ import peft  # noqa: F401  (imported at collection: its import is not a test's t
 import pytest
 
 from fedmoe.cli import main
-from fedmoe.experts.command import _gather_workers, route
+from fedmoe.experts.command import _gather_workers
 from fedmoe.models.causal import build_causal_lm, tiny_causal_config
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -107,9 +107,13 @@ def test_a_run_prints_registration_training_and_inference_phases(first):
     assert "worker fast: expert python, speed 2 (a job 0.50s)" in text and "worker db: expert sql" in text
     assert "expert python: version 0," in text and "held-out examples" in text
     assert "fast -> python: applied v0 -> v1 (staleness 0)" in text
-    for label, expert in (("pure Python", "python"), ("Python + SQL", "sql"), ("Python + docs", None)):
-        line = text[text.index(f"[{label}]"):].splitlines()[1]
-        assert (f"served by expert {expert} (version" in line) if expert else ("served by the base model" in line)
+    assert "== Phase 3: inference on sample prompts (keyword router, batch) ==" in text
+    # the reference table without docs (not trained here): python, python + sql, python (the default)
+    for label, route in (("pure Python", ["python"]), ("Python + SQL", ["python", "sql"]), ("Python + docs", ["python"])):
+        lines = text[text.index(f"[{label}]"):].splitlines()
+        assert lines[1].startswith("    route: " + ", ".join(f"{e} {1 / len(route):.2f}" for e in route))
+        served = [ln.split("served by ")[1].split(":")[0] for ln in lines[2:2 + len(route)]]
+        assert [s.split(" v")[0] for s in served] == route and all(" v" in s for s in served)
 
 
 def test_every_push_is_in_the_metrics_csv_with_held_out_losses_and_bytes(first):
@@ -208,6 +212,8 @@ def test_failed_jobs_from_a_worker_file_are_printed_and_counted(files, tmp_path,
         (["--worker", "w:python:fast"], "worker 'w' field 'speed' is 'fast', not a number"),
         (["--model.base", "/nowhere/model"], "causal LM folder '/nowhere/model' does not exist or is not a folder"),
         (["--duration", "0"], "--duration must be a finite number of seconds > 0"),
+        (["--router.table", "/nowhere/routes.yaml"], "router.table /nowhere/routes.yaml does not exist"),
+        (["--router.kind", "learned"], "router.kind=learned needs router.checkpoint"),
         (["--coordinator.mode", "lazy"], 'Parser key "coordinator.mode"'),
     ],
 )
@@ -217,6 +223,7 @@ def test_bad_input_is_one_error_line_and_exit_code_2(files, tmp_path, capsys, ex
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert needle in err
+    assert not (tmp_path / "run" / "experts").exists()  # nothing written
 
 
 @pytest.mark.parametrize(
@@ -246,11 +253,7 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_one_error_line(files, tmp_pa
     assert not (tmp_path / "run" / "experts").exists()
 
 
-def test_repeated_worker_flags_become_one_list_and_the_router_uses_the_keyword_classifier():
+def test_repeated_worker_flags_become_one_list():
     assert _gather_workers(["--duration", "3", "--worker", "a:python:1", "--worker=b:sql:2"]) == [
         "--duration", "3", "--worker", '["a:python:1", "b:sql:2"]'
     ]
-    assert route("Write a Python function to sort a list", ["python", "sql"]) == ("python", "rule names-python")
-    assert route("Write a SQL query joining two tables", ["python", "sql"])[0] == "sql"
-    expert, why = route("Add docstrings to this function", ["python", "sql"])
-    assert expert is None and "domain 'docs' has no trained expert" in why

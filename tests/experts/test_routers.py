@@ -6,7 +6,6 @@ the registration of a new expert with its own workers."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import peft
 import pytest
@@ -17,6 +16,7 @@ from fedmoe.experts import ExpertCoordinator
 from fedmoe.experts.agent import SEED_TASKS
 from fedmoe.experts.growth import NoveltyDetector, adapter_keys_for, grow_expert
 from fedmoe.experts.routers import (
+    REFERENCE_TABLE,
     KeywordRouter,
     LearnedRouter,
     PromptEmbedder,
@@ -29,7 +29,7 @@ from fedmoe.experts.workers import WorkerSpec
 from fedmoe.models.causal import ExpertModel, build_causal_lm, tiny_causal_config
 
 PEFT = peft.__version__  # imported at collection: its import is not a test's time
-ROUTES = Path(__file__).resolve().parents[2] / "experiments" / "qwen" / "routes.yaml"
+ROUTES = REFERENCE_TABLE
 EXPERTS = ("python", "sql", "docs")
 TABLE = {"experts": {"python": ["python", "def "], "sql": ["sql", "select"]}, "default": "python"}
 

@@ -10,9 +10,11 @@
    the clock; one line per job (applied, pending, refused, failed), then the counts per expert and
    worker.
 3. Inference on the reference simulation's three sample prompts (pure Python, Python + SQL,
-   Python + docs): the keyword router (:func:`~fedmoe.data.instructions.classify` on the prompt)
-   picks one expert, whose current snapshot is loaded into the model, and a few tokens are
-   generated greedily.
+   Python + docs) through :class:`fedmoe.experts.agent.InferenceAgent`: a router (the keyword
+   table :data:`fedmoe.experts.routers.REFERENCE_TABLE`, another table, or a trained learned
+   router) sends each prompt to one or several experts, read from the coordinator's current
+   snapshots, and every (prompt, expert) row is generated greedily in one batch (PEFT's
+   ``adapter_names``) or through an exact weighted merge of the routed experts.
 
 The reference simulation's flags are kept: ``--duration SECONDS``, repeated ``--worker
 ID:EXPERT:SPEED`` (they replace the config's ``worker`` list) and ``--worker-json FILE`` (a list
@@ -176,6 +178,26 @@ class CoordinatorSettings:
 
 
 @dataclass
+class RouterSettings:
+    """The inference phase's router and how routed experts are combined (:mod:`fedmoe.experts.agent`).
+
+    Args:
+        kind: ``keyword`` (a table of regular expressions per expert) or ``learned`` (a classifier on
+            the frozen base's prompt embedding, from ``checkpoint``).
+        table: the keyword table (YAML or JSON); None: the reference simulation's rules. Experts the
+            run has not trained are left out of it.
+        checkpoint: a learned router saved with ``LearnedRouter.save``.
+        combine: ``batch`` (one row per routed expert, all in one generate call) or ``merge`` (one
+            row per prompt, the routed experts merged exactly with their route weights).
+    """
+
+    kind: Literal["keyword", "learned"] = "keyword"
+    table: str | None = None
+    checkpoint: str | None = None
+    combine: Literal["batch", "merge"] = "batch"
+
+
+@dataclass
 class ClockSettings:
     """The clock the workers run under (:mod:`fedmoe.experts.clocks`).
 
@@ -196,6 +218,7 @@ def experts(
     data: DataSettings,
     coordinator: CoordinatorSettings,
     clock: ClockSettings,
+    router: RouterSettings,
     experts: list[str] = ["python", "sql", "docs"],  # noqa: B006 (jsonargparse reads the default)
     duration: float = 15.0,
     steps_per_update: int = 1,
@@ -681,46 +704,39 @@ def format_loss_table(table: Mapping[str, Mapping[str, float]]) -> list[str]:
 # ------------------------------------------------------------------------------------ inference
 
 
-def route(prompt: str, available: Sequence[str]) -> tuple[str | None, str]:
-    """The keyword router: :func:`fedmoe.data.instructions.classify` on the prompt; ``(expert or
-    None for the base, why)``."""
-    from fedmoe.data.instructions import Instruction, classify, matching_rule
+def build_inference_router(settings: RouterSettings, available: Sequence[str], model, tokenizer,
+                           check_only: bool = False):
+    """The phase-3 router over the experts that exist (trained now or resumed): a keyword table keeps
+    only their rows (its default falls back to the first of them), a learned router must know them.
+    ``check_only``: check the settings and files without the model (None returned for a learned one)."""
+    from fedmoe.experts.routers import REFERENCE_TABLE, KeywordRouter, LearnedRouter, PromptEmbedder
 
-    example = Instruction(prompt, "", "", "prompt", "prompt:0")
-    domain = classify(example)
-    rule = matching_rule(example)
-    why = f"rule {rule.name}" if rule is not None else "no rule matched"
-    if domain in available:
-        return domain, why
-    return None, f"{why}: domain {domain!r} has no trained expert"
+    if settings.kind == "learned":
+        if not settings.checkpoint:
+            raise ConfigError("router.kind=learned needs router.checkpoint (a file written by LearnedRouter.save)")
+        if not Path(settings.checkpoint).is_file():
+            raise ConfigError(f"router.checkpoint {settings.checkpoint} does not exist")
+        if check_only:
+            return None
+        return LearnedRouter.load(settings.checkpoint, None, PromptEmbedder(model, tokenizer))
+    import yaml
 
-
-def generate(model, tokenizer, expert: str | None, prompt: str, max_new_tokens: int) -> str:
-    """Greedy generation of a few tokens with ``expert`` active (None: the base alone)."""
-    import torch
-
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-    else:
-        from fedmoe.data.instructions import Instruction, plain_prompt
-
-        enc = tokenizer(plain_prompt(Instruction(prompt, "", "", "prompt", "prompt:0")), return_tensors="pt")
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, temperature=None, top_p=None,
-                  top_k=None)
-    model.eval()
-    with torch.no_grad():
-        if expert is None:
-            with model.peft.disable_adapter():
-                out = model.peft.generate(**enc, **kwargs)
-        else:
-            model.activate(expert)
-            out = model.peft.generate(**enc, **kwargs)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    path = Path(settings.table) if settings.table else REFERENCE_TABLE
+    if not path.is_file():
+        raise ConfigError(f"router.table {path} does not exist; give a YAML or JSON keyword table")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"router.table {path} is not valid YAML or JSON{where}") from None
+    if isinstance(doc, dict) and isinstance(doc.get("experts"), dict):
+        doc = {**doc, "experts": {e: p for e, p in doc["experts"].items() if e in available}}
+        if doc.get("default") not in available and available:
+            doc["default"] = available[0]
+        if not doc["experts"]:
+            raise ConfigError(f"router.table {path} names none of the experts {', '.join(available)}")
+    return KeywordRouter.from_dict(doc, list(available), f"keyword table {path}")
 
 
 # ------------------------------------------------------------------------------------ the command
@@ -748,6 +764,8 @@ def run(cfg) -> None:
         raise ConfigError(f"eval_every must be an integer >= 1, got {cfg.eval_every}")
 
     workers = fleet(cfg.worker, cfg.worker_json, expert_names)
+    rsettings = RouterSettings(**(cfg.router.as_dict() if hasattr(cfg.router, "as_dict") else dict(cfg.router)))
+    build_inference_router(rsettings, expert_names, None, None, check_only=True)  # before anything is loaded or written
     trained = list(dict.fromkeys(w.specialty for w in workers))
     clock = make_clock(ksettings.name, ksettings.step_cost, ksettings.torch_threads)
     root = Path(cfg.run_dir)
@@ -829,20 +847,15 @@ def run(cfg) -> None:
         for line in format_loss_table(table):
             print(f"    {line}")
 
-        print("== Phase 3: inference on sample prompts (keyword router) ==", flush=True)
-        prompts = [(f"prompt {i + 1}", p) for i, p in enumerate(cfg.prompts)] if cfg.prompts else list(SAMPLE_PROMPTS)
+        from fedmoe.experts.agent import InferenceAgent, run_sample_tasks
+
         available = [e for e in expert_names if e in coordinator.experts()]  # trained now or in an earlier session
-        for label, prompt in prompts:
-            expert, why = route(prompt, available)
-            if expert is not None:
-                snap = coordinator.snapshot(expert, copy=False)
-                model.load_expert(expert, snap.adapter, snap.correction)
-                served = f"expert {expert} (version {snap.version})"
-            else:
-                served = "the base model"
-            text = generate(model, tokenizer, expert, prompt, cfg.max_new_tokens)
-            print(f"  [{label}] {prompt}")
-            print(f"    served by {served} ({why}): {text.strip()!r}")
+        router = build_inference_router(rsettings, available, model, tokenizer)
+        print(f"== Phase 3: inference on sample prompts ({rsettings.kind} router, {rsettings.combine}) ==", flush=True)
+        prompts = [(f"prompt {i + 1}", p) for i, p in enumerate(cfg.prompts)] if cfg.prompts else list(SAMPLE_PROMPTS)
+        agent = InferenceAgent(model, tokenizer, router, coordinator, combine=rsettings.combine,
+                               max_new_tokens=cfg.max_new_tokens)
+        run_sample_tasks(agent, prompts)
     finally:
         coordinator.close()
 

@@ -5,7 +5,7 @@ ordered tuple of ``(expert, weight)`` pairs, heaviest first, whose weights sum t
 names every expert the router can choose. :func:`build_router` makes one from config.
 
 - :class:`KeywordRouter`: the reference simulation's regular expressions as data, a table
-  ``{expert: [pattern, ...]}`` (YAML or JSON, ``experiments/qwen/routes.yaml``). Every expert with
+  ``{expert: [pattern, ...]}`` (YAML or JSON, the reference table ``fedmoe/experts/routes.yaml``, :data:`REFERENCE_TABLE`). Every expert with
   a matching pattern joins the route (a multi-expert route); weights are equal (``weighting:
   equal``, the reference's behaviour: every routed expert contributes its part) or proportional to
   the number of the expert's patterns that match (``weighting: count``); a prompt no pattern
@@ -39,6 +39,8 @@ from fedmoe.errors import CheckpointError, ConfigError, DataError
 
 Weighting = Literal["equal", "count"]
 WEIGHTINGS = ("equal", "count")
+#: The reference simulation's keyword rules as data (shipped with the package).
+REFERENCE_TABLE = Path(__file__).with_name("routes.yaml")
 TABLE_KEYS = ("experts", "default", "weighting", "case_sensitive")
 
 
