@@ -257,3 +257,12 @@ def test_repeated_worker_flags_become_one_list():
     assert _gather_workers(["--duration", "3", "--worker", "a:python:1", "--worker=b:sql:2"]) == [
         "--duration", "3", "--worker", '["a:python:1", "b:sql:2"]'
     ]
+
+def test_mbpp_training_data_leaves_out_the_standard_test_split_by_default(tmp_path):
+    from fedmoe.experts.command import DataSettings, load_domains
+
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text("\n".join(json.dumps({**MBPP[0], "task_id": t}) for t in (5, 11, 300, 510, 511, 974)) + "\n")
+    ids = lambda settings: sorted(int(e.uid.split(":")[1]) for e in load_domains(settings, 0)["python"])  # noqa: E731
+    assert ids(DataSettings(mbpp=str(path))) == [5, 511, 974]
+    assert ids(DataSettings(mbpp=str(path), mbpp_tasks=None)) == [5, 11, 300, 510, 511, 974]

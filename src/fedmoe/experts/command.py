@@ -120,6 +120,9 @@ class DataSettings:
     Args:
         code_alpaca: Code Alpaca JSON list (``.json`` or ``.json.gz``), domains by keyword classifier.
         mbpp: MBPP ``.jsonl`` (every problem is python).
+        mbpp_tasks: the MBPP task ids trained on (``"1-10,511-974"``: the prompt, validation and
+            training splits, so that pass@1 on the standard test split 11-510 is on unseen problems);
+            null: every problem in the file.
         heldout_fraction: fraction of each domain held out for evaluation.
         max_length: tokens per example (responses are cut from the end).
         batch_size: examples per training batch of a worker.
@@ -132,6 +135,7 @@ class DataSettings:
 
     code_alpaca: str | None = None
     mbpp: str | None = None
+    mbpp_tasks: str | None = "1-10,511-974"
     heldout_fraction: float = 0.1
     max_length: int = 256
     batch_size: int = 4
@@ -379,7 +383,9 @@ def load_domains(settings: DataSettings, seed: int) -> dict[str, list]:
     if settings.code_alpaca:
         examples += read_code_alpaca(settings.code_alpaca)
     if settings.mbpp:
-        examples += read_mbpp(settings.mbpp)
+        from fedmoe.experts.evaluation import parse_task_ids
+
+        examples += read_mbpp(settings.mbpp, parse_task_ids(settings.mbpp_tasks) if settings.mbpp_tasks else None)
     groups = by_domain(examples)
     if settings.max_per_domain is not None:
         if settings.max_per_domain < 1:
