@@ -112,7 +112,8 @@ def builtins_epilog() -> str:
         + ", or a dotted class path. Data modules (--data NAME): "
         + ", ".join(f"{c.__name__} ({c.__module__})" for c in data)
         + ". Other Lightning Trainer arguments have no effect in federated runs and are refused."
-        + " Federated LoRA experts on a causal LM: python -m fedmoe.cli experts --help."
+        + " Federated LoRA experts on a causal LM: python -m fedmoe.cli experts --help;"
+        + " their MBPP pass@1 in a sandbox: python -m fedmoe.cli evaluate --help."
     )
 
 
@@ -611,6 +612,10 @@ def main(args: list[str] | None = None) -> int:
         from fedmoe.experts.command import main as experts_main
 
         return experts_main(argv[1:])
+    if argv[:1] == ["evaluate"]:  # MBPP pass@1 in a sandbox, the reference solutions, saved completions
+        from fedmoe.experts.evaluate_command import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     try:
         configs = check_config_files(argv)
         cli_class = _build_cli_class(argv, configs)

@@ -362,3 +362,11 @@ def test_bad_input_is_one_error_line_and_exit_code_2(run_folder, capsys, args, m
     err = capsys.readouterr().err.strip()
     errors = [line for line in err.splitlines() if line.startswith("error: ")]  # (after any progress bar)
     assert len(errors) == 1 and errors[0] == err.splitlines()[-1] and message in errors[0]
+
+
+def test_the_cli_dispatches_evaluate_to_the_mbpp_command(tmp_path, capsys):
+    from fedmoe.cli import main as cli_main
+
+    assert cli_main(["evaluate", "mbpp", "--model", str(tmp_path / "none"), "--tasks", "11-12"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: causal LM folder") and "does not exist" in err[-1]
