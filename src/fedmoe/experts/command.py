@@ -671,18 +671,26 @@ def _event_line(ev, offset: float) -> str:
 
 def cross_domain_losses(model, coordinator, heldout: Mapping[str, Any], experts: Sequence[str]) -> dict[str, dict[str, float]]:
     """Held-out loss of the base and of every expert's current version on every domain's held-out set:
-    ``{domain: {"base": loss, expert: loss, ...}}`` (the domains x experts table)."""
+    ``{domain: {"base": loss, expert: loss, ...}}`` (the domains x experts table,
+    :func:`fedmoe.experts.evaluation.loss_table`)."""
+    from fedmoe.experts.evaluation import loss_table
+
     device = next(model.parameters()).device
     for name in experts:
         snap = coordinator.snapshot(name, copy=False)
         model.load_expert(name, snap.adapter, snap.correction)
-    table: dict[str, dict[str, float]] = {}
-    for domain, batches in heldout.items():
-        row = {"base": model.heldout_loss(None, _on_device(batches, device))}
-        for name in experts:
-            row[name] = model.heldout_loss(name, _on_device(batches, device))
-        table[domain] = row
-    return table
+    table = loss_table(model, {d: _OnDevice(b, device) for d, b in heldout.items()}, [None, *experts])
+    return {domain: {str(m): float(v) for m, v in row.items()} for domain, row in table.iterrows()}
+
+
+class _OnDevice:
+    """Re-iterable batches moved to ``device`` as they are read."""
+
+    def __init__(self, batches, device) -> None:
+        self.batches, self.device = batches, device
+
+    def __iter__(self):
+        return _on_device(self.batches, self.device)
 
 
 def write_loss_table(path: Path, table: Mapping[str, Mapping[str, float]]) -> None:
