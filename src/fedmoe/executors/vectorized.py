@@ -65,6 +65,7 @@ class Vectorized(Executor):
             raise ConfigError(f"federation.executor.compute={compute!r} must be vmap, loop or null")
         self.chunk_size = chunk_size
         self.compute = compute
+        self._pool = _Pool()
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -148,7 +149,8 @@ class Vectorized(Executor):
         trainable = [k for k, p in net.named_parameters() if p.requires_grad]
         current = {k: v.detach() for k, v in net.state_dict().items()}
         plans = [c.task.plan.weights for c in clients]
-        train = {k: _stack([p.get(k, current[k]) for p in plans], dev) for k in trainable}
+        pool = self._pool
+        train = {k: _stack([p.get(k, current[k]) for p in plans], dev, pool.get(("w", k), n)) for k in trainable}
         fixed_batched, shared = {}, {}
         for k, v in current.items():
             if k in train:
@@ -157,8 +159,8 @@ class Vectorized(Executor):
             if all(x is values[0] for x in values):
                 shared[k] = values[0].to(dev)
             else:
-                fixed_batched[k] = _stack(values, dev)
-        opt = self.optim.state_for([c.task.optimizer_state for c in clients], train, trainable)
+                fixed_batched[k] = _stack(values, dev, pool.get(("w", k), n))
+        opt = self.optim.state_for([c.task.optimizer_state for c in clients], train, trainable, pool)
 
         if regularizer is not None:  # the anchor on the training device once, not at every step
             regularizer = type(regularizer)({k: v.to(dev) for k, v in regularizer.anchor.items()}, regularizer.mu)
@@ -177,8 +179,7 @@ class Vectorized(Executor):
                 loss = loss + regularizer(_ParamView(params))
             return loss, loss.detach()
 
-        one_fn = grad_and_value(client_loss, has_aux=True)
-        batched_fn = vmap(one_fn, in_dims=(0, 0, None, 0, 0, 0))
+        batched_fn = vmap(grad_and_value(client_loss, has_aux=True), in_dims=(0, 0, None, 0, 0, 0))
         compute = self.compute or ("loop" if dev.type == "cpu" else "vmap")
 
         def step(rows: slice, x, y, w) -> None:
@@ -187,10 +188,12 @@ class Vectorized(Executor):
             fixed = {key: v[rows] for key, v in fixed_batched.items()}
             if compute == "vmap":
                 grads, (_, loss) = batched_fn(params, fixed, shared, x, y, w)
-            else:  # one client: rows is i:i+1
-                one = {key: v[0] for key, v in params.items()}
-                grads, (_, loss) = one_fn(one, {key: v[0] for key, v in fixed.items()}, shared, x[0], y[0], w[0])
+            else:  # one client (rows is i:i+1), with plain autograd: no functorch levels to pay for
+                leaves = {key: v[0].detach().requires_grad_() for key, v in params.items()}
+                loss, _ = client_loss(leaves, {key: v[0] for key, v in fixed.items()}, shared, x[0], y[0], w[0])
+                grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
                 grads = {key: g.unsqueeze(0) for key, g in grads.items()}
+                loss = loss.detach()
             loss_sum[rows] += loss.detach().to(torch.float64)
             grads = [grads[key] for key in trainable]
             _clip(grads, self.settings)
@@ -264,12 +267,42 @@ class _ParamView:
         return iter(self.params.items())
 
 
-def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Per-client copies of tensors, stacked on ``device`` (one copy when every client has the same)."""
+def _stack(values: list[torch.Tensor], device: torch.device, out: _Slot) -> torch.Tensor:
+    """Per-client copies of tensors, stacked on ``device`` into ``out`` (one transfer when every client
+    has the same tensor)."""
     if all(v is values[0] for v in values):
         one = values[0].detach().to(device)
-        return one.unsqueeze(0).expand(len(values), *one.shape).clone()
-    return torch.stack([v.detach() for v in values]).to(device)
+        return out.like(one).copy_(one.unsqueeze(0).expand(len(values), *one.shape))
+    stacked = torch.stack([v.detach() for v in values])
+    return out.like(stacked[0]).copy_(stacked)
+
+
+class _Slot:
+    """One reusable stacked buffer: rounds of the same clients-per-chunk reuse its memory (fresh
+    allocations of this size cost page faults on the CPU)."""
+
+    def __init__(self, pool: "_Pool", key: tuple, n: int) -> None:
+        self.pool, self.key, self.n = pool, key, n
+
+    def like(self, one: torch.Tensor) -> torch.Tensor:
+        shape = (self.n, *one.shape)
+        t = self.pool.tensors.get(self.key)
+        if t is None or t.shape != shape or t.dtype != one.dtype or t.device != one.device:
+            t = self.pool.tensors[self.key] = torch.empty(shape, dtype=one.dtype, device=one.device)
+        return t
+
+    def zeros_like(self, stacked: torch.Tensor) -> torch.Tensor:
+        return self.like(stacked[0]).zero_()
+
+
+class _Pool:
+    """Stacked buffers kept between rounds, by name."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[tuple, torch.Tensor] = {}
+
+    def get(self, key: tuple, n: int) -> _Slot:
+        return _Slot(self, key, n)
 
 
 def _stack_batches(batches, width: int, device: torch.device):
@@ -290,11 +323,16 @@ def _stack_batches(batches, width: int, device: torch.device):
 
 
 def _to_cpu(t: torch.Tensor, pin: bool) -> torch.Tensor:
-    if not pin:
-        return t.detach().to("cpu", copy=True)
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t.detach(), non_blocking=True)
-    return out
+    """A CPU copy; from a GPU into page-locked memory without waiting (the caller synchronises once),
+    or a plain copy where page-locked memory cannot be had."""
+    if pin:
+        try:
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        except RuntimeError:
+            pin = False
+        else:
+            return out.copy_(t.detach(), non_blocking=True)
+    return t.detach().to("cpu", copy=True)
 
 
 def _clip(grads: list[torch.Tensor], settings) -> None:
@@ -353,18 +391,19 @@ class _OptimizerSpec:
                 i += 1
         return cls(kind, hyper, index, optimizer.state_dict()["param_groups"])
 
-    def state_for(self, saved: list[dict | None], train: dict[str, torch.Tensor], trainable: list[str]) -> "_StackedOptimizer":
+    def state_for(self, saved: list[dict | None], train: dict[str, torch.Tensor], trainable: list[str],
+                  pool: _Pool | None = None) -> "_StackedOptimizer":
         for k in trainable:
             if k not in self.hyper:
                 raise ConfigError(f"{_PREFIX}: trainable parameter {k} is not in the optimizer")
-        return _StackedOptimizer(self, saved, train, trainable)
+        return _StackedOptimizer(self, saved, train, trainable, pool or _Pool())
 
 
 class _StackedOptimizer:
     """Per-client optimizer state, stacked like the parameters, and the foreach update of a prefix."""
 
     def __init__(self, spec: _OptimizerSpec, saved: list[dict | None], train: dict[str, torch.Tensor],
-                 trainable: list[str]) -> None:
+                 trainable: list[str], pool: _Pool) -> None:
         self.spec = spec
         self.trainable = trainable
         n = len(saved)
@@ -375,7 +414,7 @@ class _StackedOptimizer:
         if spec.kind == "sgd" and all(spec.hyper[k]["momentum"] == 0 for k in trainable):
             names = ()
         for name in names:
-            self.bufs[name] = {k: torch.zeros_like(train[k]) for k in trainable}
+            self.bufs[name] = {k: pool.get((name, k), n).zeros_like(train[k]) for k in trainable}
         for i, state in enumerate(saved):
             if not state or not state.get("state"):
                 continue

@@ -1,0 +1,242 @@
+"""Client-epochs per second and peak memory of the sequential and vectorized executors, side by side.
+
+Both executors train the same FEMNIST clients in the same rounds from the same start: the LEAF CNN
+(``femnist_cnn``), Adam (lr 3e-4, fresh per client), batch size 64 and the training augmentation of
+``experiments/femnist/fedavg.yaml``, one local epoch; ``--clients`` clients of
+``--writers-per-client`` writers each (default: 5, or as many as the data holds for that many
+clients). A warm-up round of each comes first, then ``--rounds`` measured rounds, interleaved
+sequential, vectorized, sequential, ...; each side's time is ``Executor.run`` of the round's tasks,
+from loading the clients' data to their weights back on the CPU (the loop's aggregation, evaluation,
+logging and checkpoint are excluded). The two sides' weights from the same round are compared
+(max |difference|), so a run also checks that the vectorized executor matches on that device.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during a side's rounds; on the CPU the
+peak resident set size above the size before the side's round (sampled every 2 ms).
+
+    python benchmarks/executors.py --data-dir ../shared/data/femnist --clients 4 --threads 1
+    python benchmarks/executors.py --data-dir data/femnist --clients 100 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("fedmoe") is None:
+    sys.path.insert(0, str(REPO / "src"))
+
+import torch
+
+from fedmoe.algorithms.base import ClientPlan
+from fedmoe.data.femnist import FEMNISTDataModule, find_leaf_root, read_leaf
+from fedmoe.executors import ClientTask, build_executor
+from fedmoe.federation.runner import RunnerSettings
+from fedmoe.models.classifier import Classifier
+
+NUM_CLASSES = 62
+LR = 3e-4
+DATA_DIRS = ("data/femnist", "../shared/data/femnist", "/work/shared/data/femnist")
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=LR)
+
+
+class PeakRSS:
+    """Peak resident set size of this process while inside the ``with`` block, above its size at entry."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, self.rss())
+            self.done.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.peak = self.rss()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+def machine_line(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    line = (f"machine: {platform.node()} | {cpu}, {os.cpu_count()} CPUs | python {platform.python_version()}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        line += f" | device: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    else:
+        line += " | device: cpu"
+    return line
+
+
+def data_dir(given: str | None) -> str:
+    if given:
+        return given
+    for d in DATA_DIRS:
+        if (REPO / d).is_dir() or Path(d).is_dir():
+            return str(REPO / d) if (REPO / d).is_dir() else d
+    sys.exit(f"error: no FEMNIST data in {', '.join(DATA_DIRS)}; give --data-dir (a folder with LEAF train/ and test/)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default=None, help="LEAF FEMNIST folder (train/, test/); default: " + ", ".join(DATA_DIRS))
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--writers-per-client", type=int, default=None)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds per side (after a warm-up round)")
+    p.add_argument("--epochs", type=int, default=1, help="local epochs")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--chunk-size", type=int, default=None, help="vectorized executor: clients per batched model")
+    p.add_argument("--compute", choices=("vmap", "loop"), default=None,
+                   help="vectorized executor: vmap (default on a GPU) or loop (default on the CPU)")
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA GPU here")
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    print(machine_line(device), flush=True)
+
+    folder = data_dir(args.data_dir)
+    t0 = time.perf_counter()
+    writers = len(read_leaf(find_leaf_root(folder) / "train"))
+    wpc = args.writers_per_client or min(5, max(1, (writers - 2) // args.clients))
+    dm = FEMNISTDataModule(folder, num_clients=args.clients, writers_per_client=wpc, server_writers=1,
+                           probe_writers=1, batch_size=args.batch_size)
+    dm.setup()
+    sizes = [len(d) for d in dm.splits.client_train]
+    print(f"data: {folder}: {writers} writers; {args.clients} clients x {wpc} writers, {sum(sizes)} training samples "
+          f"(per client {min(sizes)}..{max(sizes)}), batch {args.batch_size}, {args.epochs} local epoch(s), "
+          f"Adam lr {LR}; read in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    settings = RunnerSettings(accelerator=args.device, max_epochs=args.epochs)
+    sides = {}
+    for name in ("sequential", "vectorized"):
+        torch.manual_seed(0)
+        module = Classifier("femnist_cnn", NUM_CLASSES, optimizer=adam)
+        start = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+        executor = build_executor(name)
+        if name == "vectorized":
+            executor.chunk_size, executor.compute = args.chunk_size, args.compute
+        executor.bind(module, dm, settings)
+        sides[name] = {"executor": executor, "start": start, "times": [], "peak": 0, "parts": {}}
+    params = sum(v.numel() for v in sides["sequential"]["start"].values())
+    vec = sides["vectorized"]["executor"]
+    compute = vec.compute or ("loop" if device.type == "cpu" else "vmap")
+    print(f"model: femnist_cnn, {params / 1e6:.2f}M parameters per client; vectorized: compute {compute}, "
+          f"chunk size {vec.chunk_size or 'all'}", flush=True)
+    _time_parts(sides["vectorized"])
+
+    def run(name: str, r: int):
+        side = sides[name]
+        tasks = [ClientTask(c, ClientPlan(weights=side["start"]), round=r, seed=0) for c in range(args.clients)]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        with PeakRSS() as rss:
+            t = time.perf_counter()
+            out = side["executor"].run(tasks)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.extra
+        failed = [o for o in out if not hasattr(o, "result")]
+        if failed:
+            sys.exit(f"error: {name}: {len(failed)} clients failed, e.g. {failed[0].error}")
+        return out, seconds, peak
+
+    diffs = []
+    for r in range(args.rounds + 1):
+        outs = {}
+        for name in ("sequential", "vectorized"):
+            outs[name], seconds, peak = run(name, r)
+            label = "warm-up" if r == 0 else f"round {r}"
+            print(f"  {label:8s} {name:10s} {seconds:8.3f}s  ({args.clients * args.epochs / seconds:8.1f} client-epochs/s)",
+                  flush=True)
+            if r > 0:
+                sides[name]["times"].append(seconds)
+                sides[name]["peak"] = max(sides[name]["peak"], peak)
+            for key in sides["vectorized"]["parts"]:
+                if r == 0:
+                    sides["vectorized"]["parts"][key] = 0.0
+        for a, b in zip(outs["sequential"], outs["vectorized"]):
+            for k in a.result.weights:
+                d = (a.result.weights[k] - b.result.weights[k]).abs()
+                diffs.append((d.max().item(), d.sum().item(), d.numel()))
+        del outs
+
+    print()
+    rates = {}
+    for name, side in sides.items():
+        med = statistics.median(side["times"])
+        rates[name] = args.clients * args.epochs / med
+        kind = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS above start"
+        print(f"{name:10s}: {rates[name]:9.1f} client-epochs/s (median round {med:.3f}s of {len(side['times'])}), "
+              f"{kind} {side['peak'] / 2**20:,.0f} MiB")
+    parts = sides["vectorized"]["parts"]
+    if parts:
+        total = sum(sides["vectorized"]["times"])
+        shown = ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items())
+        print(f"vectorized time: {shown}, rest (stacking, steps) {(total - sum(parts.values())) / total:.0%}")
+    print(f"|w_vectorized - w_sequential| over clients and rounds: max {max(d[0] for d in diffs):.2e}, "
+          f"mean {sum(d[1] for d in diffs) / sum(d[2] for d in diffs):.2e} (Adam's update near eps magnifies "
+          "summation-order differences of the gradients up to ~lr)")
+    print(f"ratio vectorized / sequential: {rates['vectorized'] / rates['sequential']:.2f}x "
+          f"({args.clients} clients, {args.device})")
+    return 0
+
+
+def _time_parts(side: dict) -> None:
+    """Accumulate the vectorized executor's time in reading client batches and returning results."""
+    executor, parts = side["executor"], side["parts"]
+    for attr, label in (("_batches", "reading batches"), ("_outcomes", "results to CPU")):
+        inner = getattr(executor, attr)
+        parts[label] = 0.0
+
+        def timed(*a, _inner=inner, _label=label, **kw):
+            t = time.perf_counter()
+            try:
+                return _inner(*a, **kw)
+            finally:
+                parts[_label] += time.perf_counter() - t
+
+        setattr(executor, attr, timed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
