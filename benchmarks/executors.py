@@ -58,8 +58,12 @@ class PeakRSS:
         self.page = os.sysconf("SC_PAGE_SIZE")
 
     def rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
+        """Resident bytes now (0 where /proc/self/statm cannot be read)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self.page
+        except (OSError, ValueError, IndexError):
+            return 0
 
     def _watch(self) -> None:
         while not self.done.is_set():

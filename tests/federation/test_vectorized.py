@@ -71,7 +71,7 @@ def _run(executor, network, optimizer, dm, settings, num_classes=10, rounds=1, r
         tasks = [ClientTask(c, ClientPlan(weights=start, regularizer=reg), states[c], keep_optimizer=True, round=r, seed=4)
                  for c in range(len(states))]
         outcomes = executor.run(tasks)
-        states = [o.optimizer_state for o in outcomes]
+        states = [getattr(o, "optimizer_state", None) for o in outcomes]
     return outcomes
 
 
@@ -244,3 +244,25 @@ def test_cli_refuses_fedmoe_on_the_vectorized_executor_with_one_line(tmp_path, c
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: federation.executor vectorized does not run Fed-MoE")
     assert not (tmp_path / "run").exists()
+
+
+def test_failing_clients_are_dropped_and_the_others_still_match(tmp_path):
+    from fedmoe.data.federated import ArrayDataset
+
+    class Exploding(ArrayDataset):
+        def __getitems__(self, indices):
+            raise RuntimeError("disk vanished")
+
+    def dm():
+        d = DigitsDataModule(num_clients=3, batch_size=32)
+        d.setup()
+        c1 = d.splits.client_train[1]
+        d.splits.client_train[1] = Exploding(c1.x, c1.y, c1.index)
+        return d
+
+    settings = RunnerSettings(max_epochs=1, limit_train_batches=2)
+    seq = _run(Sequential(), "digits_cnn", "sgd", dm(), settings)
+    vec = _run(Vectorized(), "digits_cnn", "sgd", dm(), settings)
+    assert [type(o).__name__ for o in vec] == ["ClientOutcome", "ClientFailure", "ClientOutcome"]
+    assert "disk vanished" in vec[1].error
+    _assert_close([seq[0], seq[2]], [vec[0], vec[2]], atol=1e-5)

@@ -103,6 +103,8 @@ class Vectorized(Executor):
         for pos, task in enumerate(tasks):
             try:
                 clients.append(_Client(pos, task, self._batches(task)))
+            except ConfigError:
+                raise
             except Exception as e:  # a client whose data cannot be read is dropped, never the round
                 log.warning("client %d failed: %s: %s", task.client_id, type(e).__name__, e)
                 outcomes[pos] = ClientFailure(task.client_id, f"{type(e).__name__}: {e}")
