@@ -507,3 +507,97 @@ def router_accuracy(router: Any, prompts: Sequence[str], labels: Sequence[str], 
     }
     confusion = pd.crosstab(pd.Series(labels, name="true"), pd.Series(predictions, name="routed"))
     return RouterAccuracy(correct / len(labels), correct, len(labels), per_domain, confusion, predictions)
+
+
+# ------------------------------------------------------------------------------------ routed model
+
+
+class PromptBatches:
+    """Re-iterable held-out batches ``(inputs, labels)`` with the user prompt of every row, in batch
+    order: what :class:`RoutedModel` routes on, and plain batches for the base and the experts."""
+
+    def __init__(self, batches: Any, prompts: Sequence[str]) -> None:
+        self.batches, self.prompts = batches, list(prompts)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class RoutedModel:
+    """A router and the experts as one model of the loss table (a ``loss_table`` ``extra`` column).
+
+    Each held-out row is scored with the PEFT adapter that serves its prompt's route in the inference
+    agent's ``merge`` mode (:class:`~fedmoe.experts.agent.InferenceAgent`, no coordinator: the model's
+    own experts): a one-expert route by the expert's serving adapter, B' A' = s B A + U V (exactly
+    its delta), a multi-expert route by the exact weighted merge sum_e w_e B'_e A'_e. The rows of a
+    batch may go to different adapters: one forward per batch with PEFT's ``adapter_names``.
+
+    Call it with :class:`PromptBatches`; the loss is the token-weighted mean next-token
+    cross-entropy over response tokens, as :meth:`~fedmoe.models.causal.ExpertModel.heldout_loss`.
+    ``routes`` keeps every call's routes, in call order.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, router: Any) -> None:
+        from fedmoe.experts.agent import InferenceAgent
+
+        self.model = model
+        self.agent = InferenceAgent(model, tokenizer, router, None, combine="merge")
+        self.routes: list[list[Any]] = []
+
+    def adapters(self, routes: Sequence[Any]) -> list[str]:
+        """The PEFT adapter serving each route (installed now: serving adapters, merges)."""
+        served = self.agent.serve([e for r in routes for e in r.experts])
+        merges: dict[tuple, str] = {}
+        names = []
+        for r in routes:
+            if len(r) == 1:
+                names.append(served[r.top][0])
+                continue
+            key = tuple(r.pairs)
+            if key not in merges:
+                merges[key] = self.agent._merged(r.pairs, served)
+            names.append(merges[key])
+        return names
+
+    def __call__(self, batches: PromptBatches) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        from fedmoe.data.instructions import IGNORE_INDEX
+
+        prompts = getattr(batches, "prompts", None)
+        if prompts is None:
+            raise DataError("a routed model scores PromptBatches (batches with each row's prompt)")
+        routes = self.agent.router.route(prompts)
+        names = self.adapters(routes)
+        self.routes.append(routes)
+        lm = self.model.peft
+        device = next(lm.parameters()).device
+        was_training = lm.training
+        lm.eval()
+        total, count, row = 0.0, 0, 0
+        try:
+            with torch.no_grad():
+                for inputs, labels in batches:
+                    n = int(labels.shape[0])
+                    if row + n > len(names):
+                        raise DataError(f"held-out batches hold more rows than their {len(names)} prompts")
+                    inputs = {k: v.to(device) for k, v in inputs.items()}
+                    logits = lm(**inputs, adapter_names=names[row : row + n], use_cache=False).logits[:, :-1].float()
+                    target = labels[:, 1:].to(device)
+                    total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                   ignore_index=IGNORE_INDEX, reduction="sum"))
+                    count += int((target != IGNORE_INDEX).sum())
+                    row += n
+        finally:
+            lm.train(was_training)
+        if row != len(names):
+            raise DataError(f"held-out batches hold {row} rows for {len(names)} prompts")
+        if count == 0:
+            raise DataError("the held-out batches have no response tokens to score")
+        return total / count
+
+
+def route_label(route: Any) -> str:
+    """``python`` or ``python+sql``: the experts of a route."""
+    return "+".join(e for e, _ in route)
