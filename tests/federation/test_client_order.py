@@ -144,8 +144,8 @@ def test_splits_without_labels_or_with_unmatched_held_out_sets_are_data_errors()
 
 
 def test_last_round_evaluation_checkpoint_and_files_can_be_switched_off(tmp_path):
-    loop = _loop(tmp_path, DigitsDataModule(num_clients=4), rounds=2, clients_per_round=2, eval_every=0,
-                 eval_last=False, client_eval=False, checkpoint_every=0, checkpoint_last=False, write_logs=False)
+    loop = _loop(tmp_path, DigitsDataModule(num_clients=4), rounds=2, clients_per_round=2, eval_every=None,
+                 eval_last=False, client_eval=False, checkpoint_every=None, checkpoint_last=False, write_logs=False)
     summary = loop.fit(config_yaml="x: 1\n")
     assert summary["rounds"] == 2 and len(loop.history) == 2
     assert not any(k.startswith("server/") for row in loop.history for k in row)

@@ -183,8 +183,8 @@ def test_fedprox_clipping_and_persistent_optimizers_match_sequential(optimizer, 
 def test_federated_rounds_with_vectorized_clients_match_sequential(tmp_path):
     def loop(executor):
         module = _module("digits_cnn", "sgd")
-        fed = Federation(rounds=2, clients_per_round=3, executor=executor, eval_every=0, eval_last=False,
-                         client_eval=False, checkpoint_every=0, checkpoint_last=False, write_logs=False, progress=False)
+        fed = Federation(rounds=2, clients_per_round=3, executor=executor, eval_every=None, eval_last=False,
+                         client_eval=False, checkpoint_every=None, checkpoint_last=False, write_logs=False, progress=False)
         run = FederatedLoop(fed, module, DigitsDataModule(num_clients=4, batch_size=32), RunnerSettings(max_epochs=1,
                             limit_train_batches=3), run_dir=tmp_path / executor, seed=1)
         run.fit()

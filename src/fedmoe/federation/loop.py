@@ -45,10 +45,10 @@ class Federation:
             (a round's clients as one batched model), ``parallel``, or an :class:`Executor`.
         persistent_optimizer: keep each client's optimizer state between its rounds.
         store_dtype: store client weights as ``float16`` / ``bfloat16`` (default: lossless).
-        eval_every: evaluate the server model every this many rounds (0: only at the last round).
+        eval_every: evaluate the server model every this many rounds (null: only at the last round).
         eval_last: also evaluate the server model at the last round (false: only every ``eval_every``).
         client_eval: evaluate each sampled client's synced model on its held-out split.
-        checkpoint_every: save ``checkpoints/last.ckpt`` every this many rounds (0: only at the last).
+        checkpoint_every: save ``checkpoints/last.ckpt`` every this many rounds (null: only at the last).
         checkpoint_last: also save a checkpoint after the last round (false: only every ``checkpoint_every``).
         write_logs: write ``metrics.csv``, ``summary.json``, ``config.yaml`` and TensorBoard events into
             the run folder (false: the rounds' records stay in ``FederatedLoop.history`` only).
@@ -65,10 +65,10 @@ class Federation:
         executor: Executor | Literal["sequential", "vectorized", "parallel"] | None = None,
         persistent_optimizer: bool = False,
         store_dtype: Literal["float16", "bfloat16"] | None = None,
-        eval_every: int = 1,
+        eval_every: int | None = 1,
         eval_last: bool = True,
         client_eval: bool = True,
-        checkpoint_every: int = 1,
+        checkpoint_every: int | None = 1,
         checkpoint_last: bool = True,
         write_logs: bool = True,
         progress: bool = True,
@@ -77,8 +77,11 @@ class Federation:
         check_int("federation.clients_per_round", clients_per_round, 1)
         check_int("federation.min_clients", min_clients, 1, clients_per_round,
                   hint="the clients that must survive a round, at most clients_per_round")
-        check_int("federation.eval_every", eval_every, 0, hint="rounds between evaluations; 0: never on a schedule")
-        check_int("federation.checkpoint_every", checkpoint_every, 0, hint="rounds between checkpoints; 0: never on a schedule")
+        if eval_every is not None:
+            check_int("federation.eval_every", eval_every, 1, hint="rounds between evaluations; null: never on a schedule")
+        if checkpoint_every is not None:
+            check_int("federation.checkpoint_every", checkpoint_every, 1,
+                      hint="rounds between checkpoints; null: never on a schedule")
         check_choice("federation.sampling", sampling, ("uniform", "per_group"))
         check_choice("federation.store_dtype", store_dtype, (None, "float16", "bfloat16"))
         self.algorithm = algorithm if algorithm is not None else FedAvg()
@@ -450,8 +453,8 @@ class FederatedLoop:
         }
 
 
-def _on_schedule(r: int, every: int) -> bool:
-    return every > 0 and r % every == 0
+def _on_schedule(r: int, every: int | None) -> bool:
+    return every is not None and r % every == 0
 
 
 def _better(score: float, best: float | None, mode: str) -> bool:
