@@ -16,6 +16,8 @@ from fedmoe.errors import ConfigError, DataError
 from fedmoe.experts.evaluate_command import load_run_experts, main
 from fedmoe.experts.evaluation import (
     CausalGenerator,
+    PromptBatches,
+    RoutedModel,
     build_program,
     evaluate_mbpp,
     extract_code,
@@ -27,6 +29,7 @@ from fedmoe.experts.evaluation import (
     reference_generator,
     router_accuracy,
 )
+from fedmoe.experts.routers import Route
 from fedmoe.experts.sandbox import SandboxLimits
 from fedmoe.models.causal import ExpertModel, build_causal_lm, tiny_causal_config
 
@@ -235,6 +238,82 @@ def test_the_loss_table_has_a_row_per_domain_and_a_column_per_model_with_heldout
     best = sum(int((row == row.min()).sum()) for _, row in table.iterrows())
     assert text.splitlines()[0] == "| domain | base | python | sql | routed |" and text.count("**") == 2 * best
     assert f"{table.loc['sql', 'python']:.3f} ({math.exp(table.loc['sql', 'python']):.2f})" in text
+
+
+# ------------------------------------------------------------------------------------ routed model
+
+
+class FixedRouter:
+    """Routes every prompt to ``pairs``, or by a word of the prompt (``by_word``: word -> pairs)."""
+
+    experts = ("python", "sql")
+
+    def __init__(self, pairs=(("python", 1.0),), by_word=None):
+        self.pairs, self.by_word = tuple(pairs), dict(by_word or {})
+
+    def route(self, prompts):
+        pick = lambda p: next((v for w, v in self.by_word.items() if w in p), self.pairs)  # noqa: E731
+        return [Route(tuple(pick(p))) for p in prompts]
+
+
+PY = [("write a python function", "def add ( a , b ) : return a + b"), ("add two numbers", "return a + b")]
+SQL = [("select from table", "select a from table")]
+
+
+def prompt_batches(tok, texts, sizes):
+    examples = [Instruction(q, "", a, "t", f"t:{i}") for i, (q, a) in enumerate(texts)]
+    ds = tokenize_instructions(examples, tok, max_length=32)
+    cuts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    batches = [ds.__getitems__(list(range(cuts[i], cuts[i + 1]))) for i in range(len(sizes))]
+    return PromptBatches(batches, [user_message(e) for e in examples]), batches
+
+
+def test_a_routed_model_sending_every_prompt_to_one_expert_scores_as_that_expert(tiny):
+    model, tok = tiny
+    held, batches = prompt_batches(tok, PY + SQL, [2, 1])
+    before = {e: model.heldout_loss(e, batches) for e in (None, "python", "sql")}
+    for expert in ("python", "sql"):
+        routed = RoutedModel(model, tok, FixedRouter(((expert, 1.0),)))
+        assert routed(held) == pytest.approx(before[expert], rel=1e-5)
+        assert [r.experts for r in routed.routes[0]] == [(expert,)] * 3
+    assert {e: model.heldout_loss(e, batches) for e in before} == before  # serving adapters leave the experts alone
+
+
+def test_rows_of_one_batch_are_scored_with_their_own_routes_experts(tiny):
+    model, tok = tiny
+    held, batches = prompt_batches(tok, PY[:1] + SQL + PY[1:], [3])  # python, sql, python rows in one batch
+    routed = RoutedModel(model, tok, FixedRouter(by_word={"select": (("sql", 1.0),)}))
+    py, _ = prompt_batches(tok, PY, [2])
+    sql, _ = prompt_batches(tok, SQL, [1])
+    tokens = lambda b: sum(int((y[:, 1:] != -100).sum()) for _, y in b)  # noqa: E731
+    n_py, n_sql = tokens(py), tokens(sql)
+    expected = (model.heldout_loss("python", py) * n_py + model.heldout_loss("sql", sql) * n_sql) / (n_py + n_sql)
+    assert routed(held) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_multi_expert_route_is_scored_with_the_exact_weighted_merge(tiny):
+    model, tok = tiny
+    held, batches = prompt_batches(tok, PY + SQL, [2, 1])
+    weights = {"python": 0.75, "sql": 0.25}
+    routed = RoutedModel(model, tok, FixedRouter(tuple(weights.items())))
+    # the merge written by hand: one expert with a zero LoRA and the correction U V = sum_e w_e s B_e A_e
+    ref = ExpertModel(build_causal_lm(tiny_causal_config("qwen2", 64, initializer_range=0.2), seed=0), ["mix"], LORA,
+                      correction_rank=8)
+    ref.load_expert("mix", {k: torch.zeros_like(v) for k, v in ref.expert_state("mix").items()}, {
+        layer.name: (torch.cat([w * layer.scaling * model.expert_state(e)[lay.b_key]
+                                for e, w in weights.items()
+                                for lay in model.adapted_layers(e) if lay.name == layer.name], dim=1),
+                     torch.cat([model.expert_state(e)[lay.a_key] for e in weights
+                                for lay in model.adapted_layers(e) if lay.name == layer.name], dim=0))
+        for layer in model.adapted_layers("python")})
+    merged = routed(held)
+    assert merged == pytest.approx(ref.heldout_loss("mix", batches), rel=1e-5)
+    assert merged != pytest.approx(model.heldout_loss("python", batches), rel=1e-3)
+
+
+def test_a_routed_model_needs_each_rows_prompt():
+    with pytest.raises(DataError, match="PromptBatches"):
+        RoutedModel.__call__(type("R", (), {})(), [])
 
 
 # ------------------------------------------------------------------------------------ routers

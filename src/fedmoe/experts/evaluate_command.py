@@ -630,6 +630,7 @@ def run_experts(args) -> ExpertsReport:
     if absent:
         raise DataError(f"run folder {root} stores no expert {absent[0]!r}, yet its workers train it; "
                         f"stored: {', '.join(versions)}")
+    experts = [d for d in data.domains if d in versions] + [e for e in versions if e not in data.domains]
     for d in data.domains:
         n_train = sum(len(data.train_prompts[w.id]) for w in data.workers if w.specialty == d)
         print(f"  domain {d}: {n_train} training prompts, {len(data.heldout_prompts[d])} held-out prompts "
@@ -637,7 +638,7 @@ def run_experts(args) -> ExpertsReport:
 
     routers: dict[str, Any] = {}
     if KEYWORD in kinds:
-        routers[KEYWORD] = keyword_router(list(versions))
+        routers[KEYWORD] = keyword_router(experts)
         print(f"routers: {KEYWORD}: the reference table over {', '.join(routers[KEYWORD].experts)}", flush=True)
     if LEARNED in kinds:
         print(f"training learned routers on the frozen base's prompt embeddings ({elapsed()})", flush=True)
@@ -663,7 +664,7 @@ def run_experts(args) -> ExpertsReport:
     routed = {f"routed:{n}": RoutedModel(model, tok, r) for n, r in routers.items()}
     print(f"held-out loss of the base, {len(versions)} experts and {len(routed)} routed models on "
           f"{len(heldout)} domains ({elapsed()})", flush=True)
-    losses = loss_table(model, heldout, [None, *versions], routed)
+    losses = loss_table(model, heldout, [None, *experts], routed)
     routes = {n.split(":", 1)[1]: {d: Counter(route_label(r) for r in rs) for d, rs in zip(data.domains, m.routes)}
               for n, m in routed.items()}
     check = compare_with_run(losses, root / "heldout_losses.csv")
