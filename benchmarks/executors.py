@@ -11,7 +11,7 @@ logging and checkpoint are excluded). The two sides' weights from the same round
 (max |difference|), so a run also checks that the vectorized executor matches on that device.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during a side's rounds; on the CPU the
-peak resident set size above the size before the side's round (sampled every 2 ms).
+peak resident set size above the size before the side's round (sampled every 10 ms).
 
     python benchmarks/executors.py --data-dir ../shared/data/femnist --clients 4 --threads 1
     python benchmarks/executors.py --data-dir data/femnist --clients 100 --device cuda
@@ -53,7 +53,7 @@ def adam(params):
 class PeakRSS:
     """Peak resident set size of this process while inside the ``with`` block, above its size at entry."""
 
-    def __init__(self, interval: float = 0.002) -> None:
+    def __init__(self, interval: float = 0.01) -> None:
         self.interval = interval
         self.page = os.sysconf("SC_PAGE_SIZE")
 
