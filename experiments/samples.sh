@@ -13,13 +13,13 @@ femnist=(--data.data_dir "$data/femnist" --data.num_clients 20 --data.writers_pe
 cifar=(--data.data_dir "$data/cifar10" --data.num_clients 10 --data.server_per_class 50
        --data.val_per_class 50 --data.probe_per_class 20 --federation.rounds 8 --trainer.max_epochs 1
        --federation.progress false)
-for algo in fedmoe fedavg fedprox; do
+for algo in fedmoe fedmoe_algorithm1 fedavg fedprox; do
   python -m fedmoe.cli fit --config "experiments/femnist/$algo.yaml" "${femnist[@]}" \
     --trainer.default_root_dir "$runs/femnist/$algo"
 done
-for algo in fedmoe fedavg fedprox; do
+for algo in fedmoe fedmoe_algorithm1 fedavg fedprox; do
   extra=()
-  [ "$algo" = fedmoe ] && extra=(--federation.algorithm.iterations 1)
+  [[ "$algo" == fedmoe* ]] && extra=(--federation.algorithm.iterations 1)
   python -m fedmoe.cli fit --config "experiments/cifar10/$algo.yaml" "${cifar[@]}" "${extra[@]}" \
     --trainer.default_root_dir "$runs/cifar10/$algo"
 done
