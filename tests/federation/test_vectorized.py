@@ -266,3 +266,20 @@ def test_failing_clients_are_dropped_and_the_others_still_match(tmp_path):
     assert [type(o).__name__ for o in vec] == ["ClientOutcome", "ClientFailure", "ClientOutcome"]
     assert "disk vanished" in vec[1].error
     _assert_close([seq[0], seq[2]], [vec[0], vec[2]], atol=1e-5)
+
+
+def test_clients_starting_from_their_own_weights_match_sequential():
+    dm = DigitsDataModule(num_clients=3, batch_size=32)
+    dm.setup()
+    settings = RunnerSettings(max_epochs=1, limit_train_batches=2)
+    outcomes = {}
+    for name, executor in (("seq", Sequential()), ("vec", Vectorized(compute="vmap"))):
+        module = _module("digits_cnn", "adam")
+        executor.bind(module, dm, settings)
+        base = module.net.state_dict()
+        g = torch.Generator().manual_seed(3)
+        own = [{k: v + 0.01 * c * torch.randn(v.shape, generator=g) for k, v in base.items()} for c in range(3)]
+        outcomes[name] = executor.run([ClientTask(c, ClientPlan(weights=own[c], transmit=False)) for c in range(3)])
+    for a, b in zip(outcomes["seq"], outcomes["vec"]):
+        for key, value in a.result.weights.items():
+            torch.testing.assert_close(b.result.weights[key], value, atol=1e-5, rtol=1e-4)

@@ -276,7 +276,7 @@ def _stack(values: list[torch.Tensor], device: torch.device, out: _Slot) -> torc
     if all(v is values[0] for v in values):
         one = values[0].detach().to(device)
         return out.like(one).copy_(one.unsqueeze(0).expand(len(values), *one.shape))
-    stacked = torch.stack([v.detach() for v in values])
+    stacked = torch.stack([v.detach() for v in values]).to(device)
     return out.like(stacked[0]).copy_(stacked)
 
 
