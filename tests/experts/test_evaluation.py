@@ -235,9 +235,18 @@ def test_the_loss_table_has_a_row_per_domain_and_a_column_per_model_with_heldout
     assert (table["routed"] == table["sql"]).all() and table.loc["python", "base"] != table.loc["python", "python"]
     assert perplexity_table(table).loc["sql", "base"] == pytest.approx(math.exp(table.loc["sql", "base"]))
     text = markdown_table(table)
-    best = sum(int((row == row.min()).sum()) for _, row in table.iterrows())
+    best = sum(int((row.round(3) == round(row.min(), 3)).sum()) for _, row in table.iterrows())
     assert text.splitlines()[0] == "| domain | base | python | sql | routed |" and text.count("**") == 2 * best
     assert f"{table.loc['sql', 'python']:.3f} ({math.exp(table.loc['sql', 'python']):.2f})" in text
+
+
+def test_the_markdown_table_bolds_every_model_that_shows_the_best_loss():
+    import pandas as pd
+
+    table = pd.DataFrame({"a": [1.0, 2.0], "b": [1.0000001, 1.5], "c": [1.2, 1.5006]}, index=["x", "y"])
+    rows = markdown_table(table).splitlines()[2:]
+    assert rows[0] == "| x | **1.000 (2.72)** | **1.000 (2.72)** | 1.200 (3.32) |"
+    assert rows[1] == "| y | 2.000 (7.39) | **1.500 (4.48)** | 1.501 (4.48) |"
 
 
 # ------------------------------------------------------------------------------------ routed model

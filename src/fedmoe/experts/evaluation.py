@@ -11,6 +11,11 @@ estimator reduces to this). The standard test split is tasks 11-510 (:data:`TEST
 
 Generation goes through any callable ``generate(prompts) -> completions`` (:class:`CausalGenerator`
 for a model with an expert active or the base; a router or an agent plugs in the same way).
+
+Held-out loss (:func:`loss_table`): mean next-token cross-entropy over response tokens per domain
+and model; a routed model (:class:`RoutedModel`) scores each held-out row with the adapter the
+inference agent serves its prompt's route with (one expert, or the exact merge of several), so
+its column is comparable with the experts'.
 """
 
 from __future__ import annotations
@@ -442,15 +447,17 @@ def perplexity_table(losses: Any) -> Any:
 
 
 def markdown_table(losses: Any, digits: int = 3) -> str:
-    """A loss table in Markdown, each cell ``loss (perplexity)``, the best model of each row in bold."""
+    """A loss table in Markdown, each cell ``loss (perplexity)``, the best model of each row in bold
+    (every model whose loss shows as the best's at ``digits`` digits: equal losses reached through
+    different adapters differ in the last float bits)."""
     header = ["domain", *map(str, losses.columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(losses.columns)) + "|"]
     for domain, row in losses.iterrows():
-        best = row.min()
+        best = f"{row.min():.{digits}f}"
         cells = []
         for v in row:
             text = f"{v:.{digits}f} ({math.exp(v):.2f})"
-            cells.append(f"**{text}**" if v == best else text)
+            cells.append(f"**{text}**" if f"{v:.{digits}f}" == best else text)
         lines.append("| " + " | ".join([str(domain), *cells]) + " |")
     return "\n".join(lines) + "\n"
 
