@@ -286,12 +286,10 @@ class MoELoRA(nn.Module):
         self._joint = bool(joint)
         for p in self.gates.parameters():
             p.requires_grad_(True)
-        train = {f".{e}." for e in self.experts} if joint else set()
+        train = set(self.experts) if joint else set()
         for name, p in self.model.peft.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.requires_grad_(any(t in name for t in train))
-            else:
-                p.requires_grad_(False)
+            parts = name.split(".")  # ...lora_A.<adapter>.weight
+            p.requires_grad_(len(parts) > 2 and parts[-3] in ("lora_A", "lora_B") and parts[-2] in train)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
