@@ -84,6 +84,31 @@ def test_fedmoe_personalises_only_sampled_clients(tmp_path):
     assert abs(sum(row[f"fedmoe/utilisation/expert_{e}"] for e in (1, 2)) - 1) < 1e-6
 
 
+def test_fedmoe_validation_is_measured_once_and_equals_the_server_model_on_val(tmp_path, monkeypatch):
+    loop = _loop(tmp_path, algorithm=FedMoE(num_routed=2, num_main=1, iterations=2), rounds=1, clients_per_round=2)
+    from fedmoe.federation.context import EngineContext
+
+    calls = []
+    evaluate = EngineContext.evaluate
+    monkeypatch.setattr(EngineContext, "evaluate", lambda ctx, module, data: calls.append(data) or evaluate(ctx, module, data))
+    loop.fit()
+    val = [d for d in calls if d is loop.ctx.val]
+    assert len(val) == 2  # one per Fed-MoE iteration, none more by the loop
+    direct = evaluate(loop.ctx, loop.algo.server_module(loop.state, loop.ctx), loop.ctx.val)
+    assert loop.history[-1]["server/val_loss"] == pytest.approx(direct["loss"], rel=1e-6)
+    assert loop.history[-1]["server/val_acc"] == pytest.approx(direct["acc"])
+
+
+def test_fedmoe_without_best_iteration_revert_logs_the_best_iterations_test_accuracy(tmp_path):
+    algo = FedMoE(num_routed=2, num_main=1, iterations=2, keep_best_iteration=False)
+    loop = _loop(tmp_path, algorithm=algo, rounds=1, clients_per_round=2)
+    loop.fit()
+    assert 0.0 <= loop.history[-1]["server/best_iteration_test_acc"] <= 1.0
+    reverting = _loop(tmp_path / "b", algorithm=FedMoE(num_routed=2), rounds=1, clients_per_round=2)
+    reverting.fit()
+    assert "server/best_iteration_test_acc" not in reverting.history[-1]
+
+
 def test_persistent_optimizer_state_is_kept_per_client(tmp_path):
     loop = _loop(tmp_path, rounds=1, clients_per_round=2, persistent_optimizer=True)
     loop.fit()

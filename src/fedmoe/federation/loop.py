@@ -394,7 +394,8 @@ class FederatedLoop:
         """Server model on validation and test; tracks the test metrics at the best validation round
         (by the data set's ``monitor``: validation loss, or e.g. Matthews correlation for CoLA)."""
         server = self.algo.server_module(self.state, self.ctx)
-        val = self.ctx.evaluate(server, self.ctx.val)
+        cached = getattr(self.algo, "server_val_metrics", None)  # measured by the algorithm on this model
+        val = (cached(self.state) if cached is not None else None) or self.ctx.evaluate(server, self.ctx.val)
         test = self.ctx.evaluate(server, self.ctx.test)
         name, mode = self.datamodule.monitor
         score = val.get(name, math.nan)
@@ -410,6 +411,10 @@ class FederatedLoop:
         row["server/best_test_acc"] = self.best.get("test_acc", math.nan)
         if name not in ("loss", "acc"):
             row[f"server/best_test_{name}"] = self.best.get("test_" + name, math.nan)
+        best_module = getattr(self.algo, "best_module", None)
+        best = best_module(self.state, self.ctx) if best_module is not None else None
+        if best is not None:  # the best iteration of any round so far (Fed-MoE's released code reports it)
+            row["server/best_iteration_test_acc"] = self.ctx.evaluate(best, self.ctx.test).get("acc", math.nan)
         return row
 
     def evaluate_clients(self, synced: dict[int, StateDict]) -> dict[str, float]:
