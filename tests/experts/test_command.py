@@ -266,3 +266,12 @@ def test_mbpp_training_data_leaves_out_the_standard_test_split_by_default(tmp_pa
     ids = lambda settings: sorted(int(e.uid.split(":")[1]) for e in load_domains(settings, 0)["python"])  # noqa: E731
     assert ids(DataSettings(mbpp=str(path))) == [5, 511, 974]
     assert ids(DataSettings(mbpp=str(path), mbpp_tasks=None)) == [5, 11, 300, 510, 511, 974]
+
+
+def test_the_saved_config_keeps_explicit_nulls_so_a_rerun_from_it_trains_on_the_same_data(files, tmp_path, capsys):
+    code, out = run(files, tmp_path / "run", "--data.mbpp_tasks", "null", "--duration", "1", capsys=capsys)
+    assert code == 0, out.err
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert "mbpp_tasks" in saved["data"] and saved["data"]["mbpp_tasks"] is None

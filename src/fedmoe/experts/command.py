@@ -881,7 +881,7 @@ def _save_config(cfg, root: Path) -> None:
     for key in ("config", "__path__"):
         if key in cfg:
             del cfg[key]
-    atomic_write_text(root / "config.yaml", build_parser().dump(cfg, skip_check=True))
+    atomic_write_text(root / "config.yaml", build_parser().dump(cfg, skip_check=True, skip_none=False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
