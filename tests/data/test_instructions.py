@@ -247,6 +247,18 @@ def test_input_goes_into_the_prompt_and_long_responses_are_cut():
     assert encode_example(tok, with_input, max_length=n_prompt) is None
 
 
+def test_long_examples_can_be_dropped_instead_of_cut_so_every_response_keeps_its_end():
+    tok = word_tokenizer(chat=False)
+    long, short = ex("add two numbers", "return a + b"), ex("add two numbers", "a")
+    n_prompt = sum(1 for y in encode_example(tok, long, max_length=64)[1] if y == IGNORE_INDEX)
+    fits = n_prompt + 2  # the short response and its EOS fit, the long one does not
+    assert encode_example(tok, long, max_length=fits, long="drop") is None
+    assert encode_example(tok, short, max_length=fits, long="drop")[0][-1] == tok.eos_token_id
+    ds = tokenize_instructions([long, short], tok, max_length=fits, long="drop")
+    assert len(ds) == 1 and ds.dropped == 1
+    assert len(tokenize_instructions([long, short], tok, max_length=fits)) == 2  # cut keeps both
+
+
 def test_batches_are_right_padded_with_masked_labels():
     tok = word_tokenizer()
     short = ex("add two numbers", "a + b")

@@ -316,10 +316,13 @@ def _uses_chat(tokenizer: Any, template: TemplateName) -> bool:
 
 
 def encode_example(
-    tokenizer: Any, example: Instruction, max_length: int = 512, template: TemplateName = "auto"
+    tokenizer: Any, example: Instruction, max_length: int = 512, template: TemplateName = "auto",
+    long: Literal["cut", "drop"] = "cut",
 ) -> tuple[list[int], list[int]] | None:
-    """``(input_ids, labels)`` of one example, labels -100 on the prompt; cut to ``max_length`` by
-    dropping response tokens from the end. None when the prompt leaves no room for a response token."""
+    """``(input_ids, labels)`` of one example, labels -100 on the prompt. Longer than ``max_length``:
+    ``cut`` drops response tokens from the end (the end-of-turn token with them, so a model trained
+    on many cut responses learns not to stop), ``drop`` leaves the example out (None). None also
+    when the prompt leaves no room for a response token."""
     if _uses_chat(tokenizer, template):
         user = [{"role": "user", "content": user_message(example)}]
         prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
@@ -341,7 +344,7 @@ def encode_example(
         if tokenizer.eos_token_id is not None:
             response_ids = [*response_ids, tokenizer.eos_token_id]
     room = max_length - len(prompt_ids)
-    if room < 1 or not response_ids:
+    if room < 1 or not response_ids or (long == "drop" and len(response_ids) > room):
         return None
     response_ids = response_ids[:room]
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
@@ -385,14 +388,18 @@ class InstructionDataset(Dataset):
 
 
 def tokenize_instructions(
-    examples: Sequence[Instruction], tokenizer: Any, max_length: int = 512, template: TemplateName = "auto"
+    examples: Sequence[Instruction], tokenizer: Any, max_length: int = 512, template: TemplateName = "auto",
+    long: Literal["cut", "drop"] = "cut",
 ) -> InstructionDataset:
-    """An :class:`InstructionDataset` of the examples (:func:`encode_example` each); padding uses the
-    tokenizer's pad id (else EOS). No example left is a :class:`DataError`."""
+    """An :class:`InstructionDataset` of the examples (:func:`encode_example` each, ``long`` saying
+    what becomes of one longer than ``max_length``); padding uses the tokenizer's pad id (else EOS).
+    No example left is a :class:`DataError`."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an EOS token to pad batches with")
-    encoded = [encode_example(tokenizer, ex, max_length, template) for ex in examples]
+    if long not in ("cut", "drop"):
+        raise DataError(f"long={long!r} is unknown; use cut or drop")
+    encoded = [encode_example(tokenizer, ex, max_length, template, long) for ex in examples]
     kept = [e for e in encoded if e is not None]
     if not kept:
         raise DataError(

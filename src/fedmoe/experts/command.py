@@ -131,6 +131,9 @@ class DataSettings:
         partition: ``iid`` or ``dirichlet`` split of a domain over its workers.
         dirichlet_alpha: concentration of the Dirichlet split over sub-topics.
         template: ``auto`` (the tokenizer's chat template when it has one), ``chat`` or ``plain``.
+        long_examples: a training example longer than ``max_length``: ``cut`` (its response cut from
+            the end, the end-of-turn token with it) or ``drop`` (left out, so every trained response
+            ends as the model should stop). Held-out examples are always cut.
     """
 
     code_alpaca: str | None = None
@@ -144,6 +147,7 @@ class DataSettings:
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = 0.5
     template: Literal["auto", "chat", "plain"] = "auto"
+    long_examples: Literal["cut", "drop"] = "cut"
 
 
 @dataclass
@@ -440,7 +444,7 @@ def prepare_data(settings: DataSettings, workers, tokenizer, seed: int, order_se
     for i, w in enumerate(workers):
         part = splits[w.specialty].workers[position[w.specialty]]
         position[w.specialty] += 1
-        ds = tokenize_instructions(part, tokenizer, settings.max_length, settings.template)
+        ds = tokenize_instructions(part, tokenizer, settings.max_length, settings.template, settings.long_examples)
         train[w.id] = _loader(ds, settings.batch_size, shuffle_seed=(seed if order_seed is None else order_seed) * 1009 + i)
         sizes[w.id] = (len(ds), ds.num_response_tokens)
     heldout, heldout_sizes = {}, {}
