@@ -236,7 +236,15 @@ class InferenceAgent:
             out[e] = (name, version, factors)
         return out
 
-    def _merged(self, pairs: Sequence[tuple[str, float]], served: Mapping) -> str:
+    def adapters(self, routes: Sequence[Route]) -> list[str]:
+        """The PEFT adapter serving each route, installed now: the expert's serving adapter for a
+        one-expert route, the exact weighted merge (:meth:`merged`) for a multi-expert one."""
+        served = self.serve([e for r in routes for e in r.experts])
+        return [served[r.top][0] if len(r) == 1 else self.merged(r.pairs, served) for r in routes]
+
+    def merged(self, pairs: Sequence[tuple[str, float]], served: Mapping) -> str:
+        """The adapter of the weighted merge of ``pairs`` ((expert, weight), experts in ``served``,
+        as :meth:`serve` returns them): installed, or reused while its experts' versions hold."""
         key = tuple((e, round(w, 6)) for e, w in pairs)
         versions = tuple(served[e][1] for e, _ in pairs)
         hit = self._merges.get(key)
@@ -330,7 +338,7 @@ class InferenceAgent:
                 if self.combine == "batch" or len(r) == 1:
                     jobs += [(i, (e,), (w,), served[e][0]) for e, w in r]
                 else:
-                    jobs.append((i, r.experts, r.weights, self._merged(r.pairs, served)))
+                    jobs.append((i, r.experts, r.weights, self.merged(r.pairs, served)))
             tokens = self._generate([encoded[i] for i, *_ in jobs], [j[3] for j in jobs], **generate_kwargs)
             self._evict()
         answers = [Answer(p, r, []) for p, r in zip(prompts, routes)]

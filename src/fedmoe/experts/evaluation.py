@@ -553,18 +553,7 @@ class RoutedModel:
 
     def adapters(self, routes: Sequence[Any]) -> list[str]:
         """The PEFT adapter serving each route (installed now: serving adapters, merges)."""
-        served = self.agent.serve([e for r in routes for e in r.experts])
-        merges: dict[tuple, str] = {}
-        names = []
-        for r in routes:
-            if len(r) == 1:
-                names.append(served[r.top][0])
-                continue
-            key = tuple(r.pairs)
-            if key not in merges:
-                merges[key] = self.agent._merged(r.pairs, served)
-            names.append(merges[key])
-        return names
+        return self.agent.adapters(routes)
 
     def __call__(self, batches: PromptBatches) -> float:
         import torch
