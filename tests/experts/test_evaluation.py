@@ -455,6 +455,11 @@ def test_bad_input_is_one_error_line_and_exit_code_2(run_folder, capsys, args, m
 def test_the_cli_dispatches_evaluate_to_the_mbpp_command(tmp_path, capsys):
     from fedmoe.cli import main as cli_main
 
-    assert cli_main(["evaluate", "mbpp", "--model", str(tmp_path / "none"), "--tasks", "11-12"]) == 2
+    import json
+
+    data = tmp_path / "mbpp.jsonl"
+    data.write_text(json.dumps({"text": "Add.", "code": "def f(a):\n    return a", "task_id": 11,
+                                "test_list": ["assert f(1) == 1"]}) + "\n")
+    assert cli_main(["evaluate", "mbpp", "--model", str(tmp_path / "none"), "--data", str(data), "--tasks", "11"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: causal LM folder") and "does not exist" in err[-1]
