@@ -157,8 +157,9 @@ def _experts_label(run_dir: str | Path) -> str:
 
 
 def experts_table(run_dirs: list[str | Path]) -> pd.DataFrame:
-    """One row per run and expert: mode, jobs applied / refused / failed, staleness mean and max,
-    held-out loss at the start and at the end, its change, the last time."""
+    """One row per run and expert: mode, jobs (pushes and failures), the expert's last version, jobs
+    refused and failed, staleness of the updates that made a version (mean, max), held-out loss at
+    the start and at the end, its change, the last time."""
     rows = []
     for run_dir in run_dirs:
         label = _experts_label(run_dir)
@@ -167,10 +168,12 @@ def experts_table(run_dirs: list[str | Path]) -> pd.DataFrame:
             applied = m[m["status"] == "applied"]
             start = float(evals["heldout_loss"].iloc[0]) if len(evals) else float("nan")
             end = float(evals["heldout_loss"].iloc[-1]) if len(evals) else float("nan")
+            jobs = m[m["status"] != "eval"]
             rows.append({
                 "run": label,
                 "expert": expert,
-                "applied": int(len(applied)),
+                "jobs": int(len(jobs)),
+                "versions": int(m["version"].max()) if m["version"].notna().any() else 0,
                 "refused": int((m["status"] == "refused").sum()),
                 "failed": int((m["status"] == "failed").sum()),
                 "staleness mean": float(applied["staleness"].mean()) if len(applied) else float("nan"),

@@ -84,9 +84,9 @@ def test_experts_report_tabulates_each_run_and_plots_loss_over_time(tmp_path, ca
     png = tmp_path / "modes.png"
     assert main(runs + ["--experts", "--plot", str(png)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| run | expert | applied | refused | failed | staleness mean | staleness max |")
-    assert lines[2].startswith("| fedasync (a) | python | 2 | 0 | 0 | 0.5000 | 1 | 1.2000 | 1.0000 | -0.2000 | 8.0000 |")
-    assert lines[3].startswith("| sync (b) | python | 1 | 0 | 0 | 1.0000 | 1 | 1.2000 | 1.1500 |")
+    assert lines[0].startswith("| run | expert | jobs | versions | refused | failed | staleness mean | staleness max |")
+    assert lines[2].startswith("| fedasync (a) | python | 2 | 2 | 0 | 0 | 0.5000 | 1 | 1.2000 | 1.0000 | -0.2000 | 8.0000 |")
+    assert lines[3].startswith("| sync (b) | python | 1 | 1 | 0 | 0 | 1.0000 | 1 | 1.2000 | 1.1500 |")
     assert png.stat().st_size > 0
 
 
