@@ -12,12 +12,11 @@ from fedmoe.executors.sequential import Sequential
 EXECUTORS: dict[str, str] = {
     "sequential": "fedmoe.executors.sequential:Sequential",
     "vectorized": "fedmoe.executors.vectorized:Vectorized",
-    "parallel": "fedmoe.executors.parallel:Parallel",
 }
 
 
 def build_executor(executor: Executor | str) -> Executor:
-    """An executor with default options from its name (``sequential``, ``vectorized``, ``parallel``);
+    """An executor with default options from its name (``sequential``, ``vectorized``);
     an :class:`Executor` is returned as it is."""
     if isinstance(executor, Executor):
         return executor
