@@ -43,7 +43,7 @@ from fedmoe.models.classifier import Classifier
 
 NUM_CLASSES = 62
 LR = 3e-4
-DATA_DIRS = ("data/femnist", "../shared/data/femnist", "/work/shared/data/femnist")
+DATA_DIRS = ("data/femnist", "../shared/data/femnist")
 
 
 def adam(params):
