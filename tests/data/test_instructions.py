@@ -25,29 +25,14 @@ from fedmoe.data.instructions import (
     tokenize_instructions,
 )
 from fedmoe.errors import DataError
+from wordlevel import word_tokenizer as _word_tokenizer
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = "write a python function to add two numbers def add ( a , b ) : return + # Instruction Response Input".split()
-CHAT = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 
 
 def word_tokenizer(chat: bool = True):
-    """A WordLevel tokenizer over a few words (unknown words are <unk>), with or without a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate([*SPECIALS, *dict.fromkeys(WORDS)])}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=SPECIALS[4:],
-    )
-    tok.chat_template = CHAT if chat else None
-    return tok
+    """This file's words (:func:`wordlevel.word_tokenizer`)."""
+    return _word_tokenizer(WORDS, chat=chat)
 
 
 def ex(instruction: str, output: str = "", input: str = "", domain: str | None = None) -> Instruction:

@@ -17,35 +17,21 @@ from fedmoe.experts import ExpertCoordinator, Update
 from fedmoe.experts.agent import SEED_TASKS, SERVE_SUFFIX, InferenceAgent, run_sample_tasks
 from fedmoe.experts.routers import REFERENCE_TABLE, KeywordRouter
 from fedmoe.models.causal import ExpertModel, build_causal_lm, tiny_causal_config
+from wordlevel import word_tokenizer as _word_tokenizer
 
 PEFT = peft.__version__  # imported at collection: its import is not a test's time
 ROUTES = REFERENCE_TABLE
 EXPERTS = ("python", "sql", "docs")
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = ("write a python function to sort list script query the 'users' database how do i use new "
          "calculate_metrics ? select rows from table add docstring explain").split()
-CHAT = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 TABLE = {"experts": {"python": ["python"], "sql": ["select", "query"], "docs": ["docstring", "explain"]},
          "default": "python"}
 PROMPTS = ["write a python function", "select rows from table", "add docstring", "explain the query"]
 
 
 def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate([*SPECIALS, *dict.fromkeys(WORDS)])}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=SPECIALS[4:],
-    )
-    tok.chat_template = CHAT
-    return tok
+    """This file's words (:func:`wordlevel.word_tokenizer`)."""
+    return _word_tokenizer(WORDS, split="spaces")
 
 
 def experts_model(rank: int = 3) -> ExpertModel:

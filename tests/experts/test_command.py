@@ -13,14 +13,10 @@ import pytest
 from fedmoe.cli import main
 from fedmoe.experts.command import _gather_workers
 from fedmoe.models.causal import build_causal_lm, tiny_causal_config
+from wordlevel import word_tokenizer as _word_tokenizer
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = ("write a python function to add two numbers def add ( a , b ) : return + select * from table where "
          "sql query users").split()
-CHAT = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 ALPACA = [
     {"instruction": "Write a python function to add two numbers", "input": "", "output": "def add ( a , b ) : return a + b"},
     {"instruction": "Write a python function to add a", "input": "", "output": "def add ( a ) : return a + a"},
@@ -37,18 +33,8 @@ MBPP = [
 
 
 def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate([*SPECIALS, *dict.fromkeys(WORDS)])}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=SPECIALS[4:],
-    )
-    tok.chat_template = CHAT
-    return tok
+    """This file's words (:func:`wordlevel.word_tokenizer`)."""
+    return _word_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,12 @@ import pytest
 
 from fedmoe.experts.evaluate_command import main, read_run_config, rebuild_run_data, run_data_settings
 from fedmoe.models.causal import build_causal_lm, load_causal_tokenizer, tiny_causal_config
+from wordlevel import word_tokenizer as _word_tokenizer
 
 for _module in ("pandas", "peft"):  # imported at collection: an import is not a test's time
     importlib.import_module(_module)
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = ("write a python function to add two numbers def add ( a , b ) : return + select * from table where "
          "sql query users for the app assert ==").split()
-CHAT = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 # python: the keyword router sends every prompt to python alone (a "python" or no pattern: the default);
 # sql: every prompt names SQL and python, so the keyword router sends it to python + sql (python first)
 ALPACA = [
@@ -43,18 +39,8 @@ MBPP = [
 
 
 def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate([*SPECIALS, *dict.fromkeys(WORDS)])}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=SPECIALS[4:],
-    )
-    tok.chat_template = CHAT
-    return tok
+    """This file's words (:func:`wordlevel.word_tokenizer`)."""
+    return _word_tokenizer(WORDS)
 
 
 def quiet(*argv):

@@ -32,13 +32,9 @@ from fedmoe.experts.evaluation import (
 from fedmoe.experts.routers import Route
 from fedmoe.experts.sandbox import SandboxLimits
 from fedmoe.models.causal import ExpertModel, build_causal_lm, tiny_causal_config
+from wordlevel import word_tokenizer as _word_tokenizer
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = "write a python function to add two numbers def add ( a , b ) : return + select from table".split()
-CHAT = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 for _module in ("pandas", "peft"):  # imported at collection: an import is not a test's time
     importlib.import_module(_module)
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "init_seed": 0}
@@ -57,19 +53,8 @@ MBPP = [
 
 
 def word_tokenizer():
-    """A WordLevel tokenizer over a few words with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate([*SPECIALS, *dict.fromkeys(WORDS)])}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=SPECIALS[4:],
-    )
-    tok.chat_template = CHAT
-    return tok
+    """This file's words (:func:`wordlevel.word_tokenizer`)."""
+    return _word_tokenizer(WORDS)
 
 
 def tiny_experts(names=("python", "sql")) -> ExpertModel:

@@ -27,6 +27,7 @@ from fedmoe.experts.routers import (
 )
 from fedmoe.experts.workers import WorkerSpec
 from fedmoe.models.causal import ExpertModel, build_causal_lm, tiny_causal_config
+from wordlevel import word_tokenizer as _word_tokenizer
 
 PEFT = peft.__version__  # imported at collection: its import is not a test's time
 ROUTES = REFERENCE_TABLE
@@ -192,15 +193,8 @@ def test_build_router_from_config(tmp_path):
 
 
 def word_tokenizer(words: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {w: i for i, w in enumerate([*specials, *dict.fromkeys(words.split())])}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    """A plain word-level tokenizer over ``words`` (:func:`wordlevel.word_tokenizer`)."""
+    return _word_tokenizer(words.split(), chat=False, chat_specials=False)
 
 
 WORDS = "write a python function sort list select rows from table where add docstring explain comment"

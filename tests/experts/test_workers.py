@@ -29,13 +29,9 @@ from fedmoe.experts.workers import (
     workers_from_records,
 )
 from fedmoe.models.causal import ExpertModel, build_causal_lm, tiny_causal_config
+from wordlevel import word_tokenizer as _word_tokenizer
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 WORDS = "write a python function to add two numbers def add ( a , b ) : return + select * from table where".split()
-CHAT = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
 EXAMPLES = {
     "python": [("write a python function to add two numbers", "def add ( a , b ) : return a + b"),
                ("write a function to add a", "def add ( a ) : return a + a")],
@@ -45,18 +41,8 @@ EXAMPLES = {
 
 
 def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate([*SPECIALS, *dict.fromkeys(WORDS)])}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        additional_special_tokens=SPECIALS[4:],
-    )
-    tok.chat_template = CHAT
-    return tok
+    """This file's words (:func:`wordlevel.word_tokenizer`)."""
+    return _word_tokenizer(WORDS)
 
 
 TOKENIZER = word_tokenizer()
