@@ -35,7 +35,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -348,6 +348,21 @@ def encode_example(
         return None
     response_ids = response_ids[:room]
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
+
+
+def response_batches(batches: Iterable[tuple[dict, Any]], empty: str) -> Iterator[tuple[dict, Any, int]]:
+    """``(inputs, labels, response tokens)`` of ``batches`` without end (re-iterated when exhausted),
+    skipping batches with no response token; a whole pass without one is a :class:`DataError`
+    saying ``empty``."""
+    while True:
+        stepped = False
+        for inputs, labels in batches:
+            n = int((labels != IGNORE_INDEX).sum())
+            if n:
+                stepped = True
+                yield inputs, labels, n
+        if not stepped:
+            raise DataError(empty)
 
 
 class InstructionDataset(Dataset):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmoe.algorithms.lora.layout import LoRALayer
-from fedmoe.data.instructions import IGNORE_INDEX
+from fedmoe.data.instructions import IGNORE_INDEX, response_batches
 from fedmoe.errors import DataError
 from fedmoe.models.local import resolve_local_dir
 from fedmoe.models.lora import AdapterSpec, check_target_modules
@@ -370,19 +370,9 @@ class ExpertModel(nn.Module):
         losses: list[float] = []
         tokens = response = 0
         start = time.perf_counter()
-        iterator, stepped = iter(batches), False
+        stream = response_batches(batches, "the training batches are empty or have no response tokens; give the worker data")
         while len(losses) < steps:
-            try:
-                inputs, labels = next(iterator)
-            except StopIteration:
-                if not stepped:
-                    raise DataError("the training batches are empty or have no response tokens; give the worker data") from None
-                iterator, stepped = iter(batches), False
-                continue
-            n_resp = int((labels != IGNORE_INDEX).sum())
-            if n_resp == 0:
-                continue
-            stepped = True
+            inputs, labels, n_resp = next(stream)
             tokens += int(inputs["attention_mask"].sum())
             response += n_resp
             loss = self.peft(**inputs, labels=labels, use_cache=False).loss

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedmoe.data.instructions import IGNORE_INDEX
+from fedmoe.data.instructions import response_batches
 from fedmoe.errors import CheckpointError, DataError
 from fedmoe.models.causal import ExpertModel, correction_name
 
@@ -470,19 +470,10 @@ def train_gate(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses: list[float] = []
-    iterator, stepped = iter(batches), False
+    stream = response_batches(batches, "the gate's training batches are empty or have no response tokens")
     try:
         while len(losses) < steps:
-            try:
-                inputs, labels = next(iterator)
-            except StopIteration:
-                if not stepped:
-                    raise DataError("the gate's training batches are empty or have no response tokens") from None
-                iterator, stepped = iter(batches), False
-                continue
-            if int((labels != IGNORE_INDEX).sum()) == 0:
-                continue
-            stepped = True
+            inputs, labels, _ = next(stream)
             out = model(**inputs, labels=labels, use_cache=False)
             loss = out.loss + model.balance_loss(balance_coef)
             opt.zero_grad(set_to_none=True)
