@@ -727,7 +727,13 @@ def build_inference_router(settings: RouterSettings, available: Sequence[str], m
     """The phase-3 router over the experts that exist (trained now or resumed): a keyword table keeps
     only their rows (its default falls back to the first of them), a learned router must know them.
     ``check_only``: check the settings and files without the model (None returned for a learned one)."""
-    from fedmoe.experts.routers import REFERENCE_TABLE, KeywordRouter, LearnedRouter, PromptEmbedder
+    from fedmoe.experts.routers import (
+        REFERENCE_TABLE,
+        KeywordRouter,
+        LearnedRouter,
+        PromptEmbedder,
+        read_keyword_table,
+    )
 
     if settings.kind == "learned":
         if not settings.checkpoint:
@@ -737,17 +743,10 @@ def build_inference_router(settings: RouterSettings, available: Sequence[str], m
         if check_only:
             return None
         return LearnedRouter.load(settings.checkpoint, None, PromptEmbedder(model, tokenizer))
-    import yaml
-
     path = Path(settings.table) if settings.table else REFERENCE_TABLE
     if not path.is_file():
         raise ConfigError(f"router.table {path} does not exist; give a YAML or JSON keyword table")
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"router.table {path} is not valid YAML or JSON{where}") from None
+    doc = read_keyword_table(path)
     if isinstance(doc, dict) and isinstance(doc.get("experts"), dict):
         doc = {**doc, "experts": {e: p for e, p in doc["experts"].items() if e in available}}
         if doc.get("default") not in available and available:

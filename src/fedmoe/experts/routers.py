@@ -118,6 +118,23 @@ class Router(ABC):
 # ------------------------------------------------------------------------------------ keyword
 
 
+def read_keyword_table(path: str | Path) -> Any:
+    """The parsed document of a keyword table file (YAML for ``.yaml``/``.yml``, else JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"keyword table {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"keyword table {path} does not parse: {first}") from None
+
+
 class KeywordRouter(Router):
     """Regular expressions per expert (``re.search``; case-insensitive unless ``case_sensitive``).
 
@@ -188,21 +205,7 @@ class KeywordRouter(Router):
     @classmethod
     def from_file(cls, path: str | Path, experts: Sequence[str] | None = None) -> "KeywordRouter":
         """From a YAML (``.yaml``/``.yml``) or JSON file in the :meth:`from_dict` layout."""
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"keyword table {path} does not exist")
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                doc = yaml.safe_load(text)
-            else:
-                doc = json.loads(text)
-        except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"keyword table {path} does not parse: {first}") from None
-        return cls.from_dict(doc, experts, f"keyword table {path}")
+        return cls.from_dict(read_keyword_table(path), experts, f"keyword table {path}")
 
     def matches(self, prompt: str) -> dict[str, list[str]]:
         """Per expert with a match, the patterns that matched ``prompt``."""
