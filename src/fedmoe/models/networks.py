@@ -23,6 +23,7 @@ NETWORKS: dict[str, type] = {
 #: Architectures registered by modules with heavy imports, loaded when first looked up.
 LAZY_NETWORKS: dict[str, str] = {
     "hf_sequence_classifier": "fedmoe.models.text",
+    "text_encoder": "fedmoe.models.text_encoder",
 }
 
 _T = TypeVar("_T", bound=type)
