@@ -77,8 +77,9 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time one decoding step (KV cache of the prompts) of: 1 row with its expert, "
                              "4 rows mixed, 4 rows with one adapter, 4 rows of the base")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (both sides use the same)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     model, tok = build(args.model)
     # no coordinator: the agent re-reads the model's experts (LoRA + correction) and rewrites their
     # serving adapters on every call, a cost counted in the batched time

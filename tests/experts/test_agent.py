@@ -130,6 +130,33 @@ def test_mixed_batch_is_one_generate_call_with_one_adapter_per_row(monkeypatch):
     assert answers[3].route.weights == (0.5, 0.5)
 
 
+def test_one_expert_batch_skips_per_row_dispatch_and_restores_the_models_adapters(monkeypatch):
+    model = experts_model()
+    agent = agent_for(model)
+    model.activate("sql")
+    agent.serve(["python"])
+    before = list(model.peft.base_model.active_adapters)
+    grads = {n: p.requires_grad for n, p in model.peft.named_parameters()}
+    rows = [agent.encode(p) for p in ("write a python function", "python script")]
+    ids, mask = agent._batch(rows)
+    with torch.no_grad():
+        ref = model.peft.generate(input_ids=ids, attention_mask=mask, adapter_names=["python" + SERVE_SUFFIX] * 2,
+                                  max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=True)
+    calls = []
+    real = model.peft.generate
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("adapter_names"), list(model.peft.base_model.active_adapters)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.peft, "generate", spy)
+    answers = agent.generate(["write a python function", "python script"], max_new_tokens=5, min_new_tokens=5)
+    assert calls == [(None, ["python" + SERVE_SUFFIX])]
+    assert [a.parts[0].tokens for a in answers] == agent._cut(ref[:, ids.shape[1]:])
+    assert list(model.peft.base_model.active_adapters) == before
+    assert {n: p.requires_grad for n, p in model.peft.named_parameters()} == grads
+
+
 def test_merge_is_the_exact_weighted_sum_of_the_experts_deltas():
     model = experts_model()
     agent = agent_for(model, "merge")

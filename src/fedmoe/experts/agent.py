@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -310,10 +311,28 @@ class InferenceAgent:
         with torch.no_grad():
             if adapter_names is None:
                 out = self.gate.generate(input_ids=ids, attention_mask=mask, **settings)
+            elif len(set(adapter_names)) == 1:  # one adapter for every row: no per-row dispatch hooks
+                with self._only(adapter_names[0]):
+                    out = self.model.peft.generate(input_ids=ids, attention_mask=mask, **settings)
             else:
                 out = self.model.peft.generate(input_ids=ids, attention_mask=mask, adapter_names=list(adapter_names),
                                                **settings)
         return self._cut(out[:, ids.shape[1]:])
+
+    @contextmanager
+    def _only(self, name: str) -> Iterator[None]:
+        """Adapter ``name`` alone active for the block; the model's active adapters and every
+        parameter's ``requires_grad`` are restored after it (training may share the model)."""
+        peft = self.model.peft
+        before = list(peft.base_model.active_adapters)
+        grads = [(p, p.requires_grad) for p in peft.parameters()]
+        peft.base_model.set_adapter([name])
+        try:
+            yield
+        finally:
+            peft.base_model.set_adapter(before)
+            for p, g in grads:
+                p.requires_grad_(g)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None, **generate_kwargs: Any) -> list[Answer]:
         """Route ``prompts`` and generate greedily (``generate_kwargs`` go to ``generate``, e.g.
