@@ -1,4 +1,4 @@
-"""Tables and plots from run folders: ``python -m fedmoe.report RUN_DIR [RUN_DIR ...] [--plot FILE]``.
+"""Tables and plots from run folders: ``python -m fedmoe.report RUN_DIR [RUN_DIR ...] [--plot FILE | --paper]``.
 
 Each run folder holds ``metrics.csv`` (one row per round), ``summary.json`` and ``config.yaml``
 (written by ``fit``). The table gives, per run, the final server test accuracy, the test accuracy
@@ -6,6 +6,8 @@ at the best validation round (lowest validation loss, or the data set's monitore
 GLUE's Matthews correlation), the best test accuracy seen, client accuracy and time.
 ``--lora`` prints the adapter table instead: rule, rank, bytes per round, score at the best
 validation round (a rank sweep's communication/accuracy trade-off).
+``--paper`` prints and saves the Fed-MoE paper's table (src/fedmoe/paper.py) with the runs beside
+it, matched to its cells by data set, number of clients and algorithm: see docs/paper.md.
 ``--experts`` reads folders of ``python -m fedmoe.cli experts`` (``metrics_<expert>.csv``): per run
 and expert the coordinator mode, updates applied and refused, staleness, held-out loss at the start
 and at the end; ``--plot`` then draws each expert's held-out loss against (simulated) time, a line
@@ -16,20 +18,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from fedmoe import paper
 from fedmoe.errors import FedMoEError
 
 
 def load_run(run_dir: str | Path) -> pd.DataFrame:
-    """A run's per-round metrics; a folder without ``metrics.csv`` is an error naming it."""
+    """A run's per-round metrics; a folder without ``metrics.csv``, or one whose file is empty,
+    unreadable or has no ``round`` column, is an error naming it."""
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         raise FedMoEError(f"{run_dir} is not a run folder (no metrics.csv)")
-    return pd.read_csv(path)
+    try:
+        m = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedMoEError(f"{path} cannot be read as a CSV table ({first}); it should be the metrics.csv that fit writes") from None
+    if "round" not in m or not m["round"].notna().any():
+        raise FedMoEError(f"{path} has no rounds (no 'round' column or no rows); it should be the metrics.csv that fit writes")
+    return m
 
 
 def _summary(run_dir: str | Path) -> dict:
@@ -212,6 +225,204 @@ def plot_experts(run_dirs: list[str | Path], out: str | Path) -> None:
     plt.close(fig)
 
 
+#: Columns of the ``--paper`` table (Markdown and CSV).
+PAPER_COLUMNS = ["data set", "clients", "algorithm", "paper acc", "ours", "difference", "rounds",
+                 "planned rounds", "run", "command"]
+#: What the table's accuracy columns mean, printed under it.
+PAPER_LEGEND = ("ours: the server's test accuracy (%) at the run's best validation round (the paper's metric); "
+                "difference: ours - paper, in points; rounds: rounds run, of the config's federation.rounds")
+#: The ``--paper`` files when ``--out`` is not given.
+PAPER_OUT = "runs/paper"
+
+
+@dataclass
+class PaperRun:
+    """What the paper table takes from one run folder (config.yaml, metrics.csv, summary.json)."""
+
+    run_dir: str
+    data_class: str
+    dataset: str | None
+    clients: int | None
+    algorithm: str
+    rounds: int
+    planned_rounds: int | None
+    accuracy: float | None
+    curve: pd.DataFrame
+
+    def command(self) -> str:
+        """The command that reruns this run from its resolved config, into a new folder."""
+        return shlex.join(["python", "-m", "fedmoe.cli", "fit", "--config", str(Path(self.run_dir) / "config.yaml"),
+                           "--trainer.default_root_dir", f"{str(self.run_dir).rstrip('/')}_rerun"])
+
+
+def _run_config(run_dir: str | Path) -> dict:
+    """A run's ``config.yaml`` as a dict; missing, unreadable or not a mapping is an error naming it."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FedMoEError(f"{run_dir} has no config.yaml: --paper matches a run to a paper cell by the config "
+                          "that fit writes into the run folder")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedMoEError(f"{path} cannot be read as YAML ({first}); it should be the config.yaml that fit writes") from None
+    if not isinstance(cfg, dict):
+        raise FedMoEError(f"{path} is not a YAML mapping; it should be the config.yaml that fit writes")
+    return cfg.get("fit", cfg) if isinstance(cfg.get("fit"), dict) else cfg
+
+
+def paper_run(run_dir: str | Path) -> PaperRun:
+    """Read one run folder for the paper table: its data set (data module class, else ``data_dir``),
+    number of clients, algorithm class name, rounds and its test accuracy (%) at the best validation
+    round."""
+    m = load_run(run_dir)
+    cfg = _run_config(run_dir)
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    init = data.get("init_args") if isinstance(data.get("init_args"), dict) else data
+    data_class = str(data.get("class_path") or "")
+    algorithm = (cfg.get("federation") or {}).get("algorithm") if isinstance(cfg.get("federation"), dict) else None
+    name = algorithm.get("class_path") if isinstance(algorithm, dict) else algorithm
+    name = str(name or _summary(run_dir).get("algorithm") or "?").rsplit(".", 1)[-1]
+    clients = init.get("num_clients")
+    planned = (cfg.get("federation") or {}).get("rounds") if isinstance(cfg.get("federation"), dict) else None
+    best = best_row(m, monitor_of(run_dir)) if "server/test_acc" in m else None
+    accuracy = best["server/test_acc"] if best is not None else None
+    curve = m.dropna(subset=["server/test_acc"])[["round", "server/test_acc"]] if "server/test_acc" in m else m.iloc[0:0]
+    return PaperRun(
+        run_dir=str(run_dir),
+        data_class=data_class,
+        dataset=paper.dataset_of(data_class, init.get("data_dir")),
+        clients=int(clients) if isinstance(clients, int) else None,
+        algorithm=name,
+        rounds=int(m["round"].max()),
+        planned_rounds=int(planned) if isinstance(planned, int) else None,
+        accuracy=100 * float(accuracy) if accuracy is not None and pd.notna(accuracy) else None,
+        curve=curve,
+    )
+
+
+def _unmatched(run: PaperRun) -> str:
+    dataset = paper.DATASETS.get(run.dataset or "", run.data_class or "no data module")
+    clients = f"{run.clients} clients" if run.clients is not None else "no data.num_clients"
+    return (f"{run.run_dir} matches no paper cell ({dataset}, {clients}, {run.algorithm}); the paper's cells are "
+            f"{paper.cells_line()}, each with {', '.join(paper.ALGORITHMS)}")
+
+
+def paper_table(run_dirs: list[str | Path]) -> tuple[pd.DataFrame, list[str], dict[str, list[PaperRun]]]:
+    """The paper's table with the runs beside it: one row per paper cell and matching run (a cell
+    without a run keeps one row, with the command that runs it), in the paper's order. Returns the
+    table, notes (runs that match no cell, runs without a test accuracy) and the matched runs per
+    data set key (for the curves)."""
+    runs = [paper_run(r) for r in run_dirs]
+    notes, matched = [], {}
+    for run in runs:
+        cell = paper.find_cell(run.dataset, run.clients, run.algorithm)
+        if cell is None:
+            notes.append(_unmatched(run))
+            continue
+        matched.setdefault(cell, []).append(run)
+        if run.accuracy is None:
+            notes.append(f"{run.run_dir} has no server test accuracy at a validated round in metrics.csv: "
+                         "its 'ours' is empty")
+    if not matched:
+        notes.append(f"no run matches a paper cell ({paper.cells_line()}): the table gives the paper's numbers only")
+    rows = []
+    for cell in paper.CELLS:
+        for run in matched.get(cell) or [None]:
+            ours = run.accuracy if run is not None else None
+            diff = ours - cell.accuracy if ours is not None and cell.accuracy is not None else None
+            rows.append([
+                cell.name, cell.clients, cell.algorithm, cell.accuracy, ours, diff,
+                run.rounds if run else None, run.planned_rounds if run else None,
+                run.run_dir if run else "not run", run.command() if run else cell.command(),
+            ])
+    by_dataset: dict[str, list[PaperRun]] = {}
+    for cell, cell_runs in matched.items():
+        by_dataset.setdefault(cell.dataset, []).extend(cell_runs)
+    table = pd.DataFrame(rows, columns=PAPER_COLUMNS)
+    for column in ("clients", "rounds", "planned rounds"):
+        table[column] = table[column].astype("Int64")
+    return table, notes, by_dataset
+
+
+def paper_markdown(table: pd.DataFrame, notes: list[str], plots: list[Path] = ()) -> str:
+    """The paper table as a Markdown document: the table (accuracies with 2 decimals, differences
+    signed, empty where there is no number), the source and legend, the notes and the plots."""
+    def cell(column: str, v) -> str:
+        if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
+            return ""
+        if column == "difference":
+            return f"{v:+.2f}"
+        if column == "command":
+            return f"`{v}`"
+        if column in ("rounds", "planned rounds", "clients"):
+            return str(int(v))
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in zip(table.columns, row)) + " |"
+              for row in table.itertuples(index=False)]
+    lines += ["", f"paper acc: {paper.SOURCE}.", f"{PAPER_LEGEND}."]
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
+    if plots:
+        lines += [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+    return "\n".join(lines)
+
+
+def plot_paper(by_dataset: dict[str, list[PaperRun]], out_dir: str | Path) -> list[Path]:
+    """One PNG per data set (``paper_<data set>.png``): test accuracy (%) per round, a line per run,
+    and a dashed line at the paper's Fed-MoE accuracy for each number of clients that was run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for dataset, runs in by_dataset.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for run in runs:
+            ax.plot(run.curve["round"], 100 * run.curve["server/test_acc"], marker="o", markersize=2,
+                    label=f"{run.algorithm}, {run.clients} clients ({Path(run.run_dir).name})")
+        for clients in sorted({run.clients for run in runs}):
+            cell = paper.find_cell(dataset, clients, "FedMoE")
+            if cell is not None and cell.accuracy is not None:
+                ax.axhline(cell.accuracy, linestyle="--", linewidth=1, color="gray")
+                ax.annotate(f"paper Fed-MoE, {clients} clients: {cell.accuracy:.2f}", (0.01, cell.accuracy),
+                            xycoords=("axes fraction", "data"), fontsize=7, va="bottom", color="dimgray")
+        ax.set_title(paper.DATASETS[dataset])
+        ax.set_xlabel("round")
+        ax.set_ylabel("server test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = Path(out_dir) / f"paper_{dataset}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_paper(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[str, list[Path]]:
+    """Build the paper table from ``run_dirs`` and save ``paper.md``, ``paper.csv`` and the curves
+    into ``out_dir``; returns the Markdown document and the files written."""
+    table, notes, by_dataset = paper_table(run_dirs)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FedMoEError(f"--out {out} is a file, not a folder; give a folder for paper.md, paper.csv and the plots")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        plots = plot_paper(by_dataset, out)
+        document = paper_markdown(table, notes, plots)
+        (out / "paper.md").write_text(document + "\n")
+        table.to_csv(out / "paper.csv", index=False, float_format="%.2f")
+    except OSError as e:
+        raise FedMoEError(f"--out {out}: cannot write there ({e.strerror or e}); give another folder") from None
+    return document, [out / "paper.md", out / "paper.csv", *plots]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedmoe.report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders (trainer.default_root_dir of each run)")
@@ -220,7 +431,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", action="store_true", help="the adapter table: rule, rank, bytes, score")
     parser.add_argument("--experts", action="store_true",
                         help="folders of `fedmoe.cli experts`: per expert, updates and held-out loss; --plot: loss over time")
+    parser.add_argument("--paper", action="store_true",
+                        help="the Fed-MoE paper's table with these runs beside it; saves paper.md, paper.csv and "
+                             "paper_<data set>.png curves into --out")
+    parser.add_argument("--out", help=f"folder for the --paper files (default {PAPER_OUT})")
     args = parser.parse_args(argv)
+    clash = [flag for flag, on in (("--lora", args.lora), ("--experts", args.experts), ("--plot", args.plot)) if on]
+    if args.paper and clash:
+        print(f"error: --paper cannot be combined with {', '.join(clash)}: it writes its own table and per data set "
+              "curves into --out", file=sys.stderr)
+        return 2
+    if args.out and not args.paper:
+        print("error: --out names the folder of the --paper files; add --paper (or use --plot FILE for a plot)",
+              file=sys.stderr)
+        return 2
+    if args.paper:
+        try:
+            document, written = write_paper(args.runs, args.out or PAPER_OUT)
+        except FedMoEError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(document)
+        print(f"\nwrote {', '.join(str(p) for p in written)}")
+        return 0
     try:
         if args.experts:
             table = experts_table(args.runs)
