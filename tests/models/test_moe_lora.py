@@ -97,6 +97,18 @@ def test_remove_restores_pefts_forward_and_install_reapplies_the_gate():
     assert torch.equal(peft_logits(model, None), base)
 
 
+def test_training_one_expert_while_a_gate_is_installed_is_refused_until_it_is_removed():
+    model = experts()
+    moe = MoELoRA(model, mode="dense")
+    labels = TOKENS.clone()
+    batch = ({"input_ids": TOKENS, "attention_mask": torch.ones_like(TOKENS)}, labels)
+    with pytest.raises(DataError, match="gate.*remove"):
+        model.train_steps("sql", [batch], steps=1)
+    moe.remove()
+    result = model.train_steps("sql", [batch], steps=1)
+    assert result.steps == 1
+
+
 def test_a_second_gate_on_the_same_layers_is_refused():
     model = experts()
     MoELoRA(model)

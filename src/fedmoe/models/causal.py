@@ -363,6 +363,14 @@ class ExpertModel(nn.Module):
         cross-entropy over response tokens (labels != -100)."""
         if steps < 1:
             raise DataError(f"steps={steps} must be a positive integer")
+        gated = [layer.name for layer in self.adapted_layers(self._known(expert))
+                 if "forward" in vars(self.peft.get_submodule(layer.name))]
+        if gated:
+            raise DataError(
+                f"a per-token gate (MoELoRA) is installed on this model ({gated[0]} and {len(gated) - 1} more layers "
+                f"route every forward through it), so training expert {expert!r} alone would train the mixture; "
+                "call the gate's remove() first and install() it again after training"
+            )
         self.activate(expert)
         params = [p for p in self.peft.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
