@@ -153,6 +153,35 @@ def test_a_rerun_with_other_settings_is_one_error_line(first, files, capsys):
     assert "error: run folder" in out.err and "coordinator.mix=0.6 (now 0.3)" in out.err
 
 
+def test_a_rerun_on_edited_data_files_is_refused_and_on_moved_copies_resumes(files, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "alpaca.json").write_text((files / "alpaca.json").read_text())
+    args = ("--data.code_alpaca", str(data / "alpaca.json"), "--duration", "1")
+    code, out = run(files, tmp_path / "run", *args, capsys=capsys)
+    assert code == 0, out.err
+    moved = tmp_path / "moved.json"
+    moved.write_text((data / "alpaca.json").read_text())
+    code, out = run(files, tmp_path / "run", "--data.code_alpaca", str(moved), "--duration", "1", capsys=capsys)
+    assert code == 0, out.err
+    (data / "alpaca.json").write_text(json.dumps(ALPACA[:-1]))
+    code, out = run(files, tmp_path / "run", *args, capsys=capsys)
+    assert code == 2 and out.err.count("\n") == 1
+    assert "error: run folder" in out.err and "data.sha256.code_alpaca=" in out.err
+
+
+def test_a_run_recorded_before_data_fingerprints_still_resumes(first, files, capsys, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "old"
+    shutil.copytree(first[0], run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    del record["fingerprint"]["data"]
+    (run_dir / "run.json").write_text(json.dumps(record))
+    code, out = run(files, run_dir, "--duration", "1", capsys=capsys)
+    assert code == 0, out.err
+
+
 def test_sync_mode_leaves_pending_updates_persisted_and_counted(files, tmp_path, capsys):
     code, out = run(files, tmp_path / "run", "--coordinator.mode", "sync", "--coordinator.round_size", "4",
                     "--duration", "1.5", capsys=capsys)

@@ -40,6 +40,7 @@ with one error line.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -461,15 +462,39 @@ def prepare_data(settings: DataSettings, workers, tokenizer, seed: int, order_se
 # ------------------------------------------------------------------------------------ run folder
 
 
-def fingerprint(model: ModelSettings, coordinator: CoordinatorSettings, expert_names: Sequence[str]) -> dict:
-    """The settings a run folder's experts depend on (a resumed run must match them)."""
+def fingerprint(
+    model: ModelSettings, coordinator: CoordinatorSettings, expert_names: Sequence[str], data: DataSettings | None = None
+) -> dict:
+    """The settings a run folder's experts depend on (a resumed run must match them): the model,
+    the coordinator and, with ``data``, the data settings and the SHA-256 of each data file (the
+    files' contents, not their paths: a moved copy resumes, an edited one is refused)."""
     m = asdict(model)
     if m["base"] and not str(m["base"]).startswith("package:"):
         m["base"] = str(Path(m["base"]).resolve())
     if m["tokenizer"] and not str(m["tokenizer"]).startswith("package:"):
         m["tokenizer"] = str(Path(m["tokenizer"]).resolve())
     c = {k: v for k, v in asdict(coordinator).items() if k not in ("fsync", "snapshot_every")}
-    return {"experts": list(expert_names), "model": m, "coordinator": c}
+    out = {"experts": list(expert_names), "model": m, "coordinator": c}
+    if data is not None:
+        d = {k: v for k, v in asdict(data).items() if k not in DATA_FILES}
+        d["sha256"] = {key: _sha256(getattr(data, key)) for key in DATA_FILES}
+        out["data"] = d
+    return out
+
+
+#: The data settings that name files (fingerprinted by content).
+DATA_FILES = ("code_alpaca", "mbpp")
+
+
+def _sha256(path: str | None) -> str | None:
+    """The file's SHA-256 (None without a file: reading it reports that, later)."""
+    if not path or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -499,6 +524,8 @@ class RunFolder:
             except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 raise CheckpointError(f"{self.path} is not a run record of the experts command; choose another --run_dir") from None
             a, b = _flat(old), _flat(fp)
+            if "data" not in old:  # recorded before data was fingerprinted: compare the rest
+                b = {k: v for k, v in b.items() if not k.startswith("data.")}
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             if diff:
                 shown = ", ".join(f"{k}={a.get(k)!r} (now {b.get(k)!r})" for k in diff[:3])
@@ -786,7 +813,7 @@ def run(cfg) -> None:
     trained = list(dict.fromkeys(w.specialty for w in workers))
     clock = make_clock(ksettings.name, ksettings.step_cost, ksettings.torch_threads)
     root = Path(cfg.run_dir)
-    folder = RunFolder(root, fingerprint(msettings, csettings, expert_names))
+    folder = RunFolder(root, fingerprint(msettings, csettings, expert_names, dsettings))
     seed = int(cfg.seed) + folder.session
 
     print("== Phase 1: expert registration and worker spin-up ==", flush=True)
