@@ -45,6 +45,11 @@ class Federation:
             (a round's clients as one batched model), ``parallel``, or an :class:`Executor`.
         persistent_optimizer: keep each client's optimizer state between its rounds.
         store_dtype: store client weights as ``float16`` / ``bfloat16`` (default: lossless).
+        client_store: where personalised client weights and optimizer states live between rounds:
+            ``memory`` (default: a checkpoint file holds the whole run) or ``disk`` (one safetensors
+            file per client in the run's ``clients/`` folder, read when the client is sampled:
+            memory grows with clients per round, not total clients, and checkpoints reference the
+            files instead of copying every client; see :mod:`fedmoe.federation.store`).
         eval_every: evaluate the server model every this many rounds (null: only at the last round).
         eval_last: also evaluate the server model at the last round (false: only every ``eval_every``).
         client_eval: evaluate each sampled client's synced model on its held-out split.
@@ -65,6 +70,7 @@ class Federation:
         executor: Executor | Literal["sequential", "vectorized", "parallel"] | None = None,
         persistent_optimizer: bool = False,
         store_dtype: Literal["float16", "bfloat16"] | None = None,
+        client_store: Literal["memory", "disk"] = "memory",
         eval_every: int | None = 1,
         eval_last: bool = True,
         client_eval: bool = True,
@@ -84,6 +90,7 @@ class Federation:
                       hint="rounds between checkpoints; null: never on a schedule")
         check_choice("federation.sampling", sampling, ("uniform", "per_group"))
         check_choice("federation.store_dtype", store_dtype, (None, "float16", "bfloat16"))
+        check_choice("federation.client_store", client_store, ("memory", "disk"))
         self.algorithm = algorithm if algorithm is not None else FedAvg()
         self.rounds = rounds
         self.clients_per_round = clients_per_round
@@ -92,6 +99,7 @@ class Federation:
         self.executor = build_executor(executor if executor is not None else "sequential")
         self.persistent_optimizer = persistent_optimizer
         self.store_dtype = store_dtype
+        self.client_store = client_store
         self.eval_every = eval_every
         self.eval_last = eval_last
         self.client_eval = client_eval
@@ -141,7 +149,8 @@ class FederatedLoop:
         self.seed = seed
         self.config = dict(config or {})
         self.template: StateDict = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
-        self.store = ClientStore(federation.store_dtype)
+        self.store = ClientStore(federation.store_dtype,
+                                 root=self.run_dir / "clients" if federation.client_store == "disk" else None)
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {}
         self.state: dict[str, Any] | None = None
@@ -217,7 +226,7 @@ class FederatedLoop:
             )
         self.round = ckpt["round"]
         self.state = ckpt["server_state"]
-        self.store.load_state_dict(ckpt["store"])
+        self.store.load_state_dict(ckpt["store"], folder=Path(path).parent.parent / "clients")
         self.history = ckpt["history"]
         self.best = ckpt["best"]
         self._rng = ckpt["rng"]
@@ -227,7 +236,11 @@ class FederatedLoop:
                                                 for row in self.history))
 
     def save(self) -> None:
+        """Save the checkpoint; with a disk client store it references the store's files, and the
+        files it no longer references are deleted once it is written."""
+        self.store.persist()
         ckpt_io.save_checkpoint(self.ckpt_path, self.state_dict())
+        self.store.commit()
 
     # -- running --------------------------------------------------------------------------------
 
@@ -243,6 +256,7 @@ class FederatedLoop:
         spent in rounds over all sessions.
         """
         self.setup()
+        self.store.check_writable()
         self._rng = None
         if ckpt_path is not None:
             self.load(ckpt_path)
@@ -253,6 +267,7 @@ class FederatedLoop:
                 )
             if self.round == self.fed.rounds:
                 return {**self.summary(self.elapsed), "sessions": self.sessions, "new_rounds": 0}
+            self.store.verify()
             ckpt_io.restore_rng(self._rng)
             log.info("resumed from %s at round %d", ckpt_path, self.round)
         else:
@@ -266,7 +281,7 @@ class FederatedLoop:
             "seconds": 0.0,
         }
         self.sessions.append(session)
-        ckpt_io.remove_stale_temp_files(self.run_dir, self.ckpt_path.parent)
+        ckpt_io.remove_stale_temp_files(self.run_dir, self.ckpt_path.parent, *filter(None, [self.store.root]))
         recorder = (RoundRecorder(self.run_dir, self.round, self.history, tensorboard=self.settings.logger,
                                   every=self.settings.log_every_n_steps, last_round=self.fed.rounds)
                     if self.fed.write_logs else None)
@@ -364,10 +379,10 @@ class FederatedLoop:
             bytes_down += sum(num_bytes(w) for w in synced.values())
         if self.algo.personalised:
             for cid, w in synced.items():
-                self.store.put_weights(cid, w)
+                self.store.put_weights(cid, w, version=r)
         if self.fed.persistent_optimizer:
             for cid, st in optimizer_states.items():
-                self.store.put_optimizer(cid, st)
+                self.store.put_optimizer(cid, st, version=r)
         round_time = time.perf_counter() - t0
 
         row: dict[str, Any] = {
