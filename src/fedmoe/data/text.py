@@ -127,47 +127,57 @@ def majority_split(
 ) -> list[np.ndarray]:
     """The released text folders' non-IID split (positions into ``labels``): client i draws a share
     r_i ~ U(ratio) of its ``client_size`` samples from class ``i mod C`` and the rest from the other
-    classes (Sent140: r = 0.7; Yelp: r ~ U(0.55, 0.65)), without replacement across clients."""
+    classes (Sent140: r = 0.7; Yelp: r ~ U(0.55, 0.65)), without replacement across clients. Every
+    client's majority part is drawn before any minority part, so rare classes serve their own clients
+    first."""
     if client_size < 1:
         raise DataError(
             f"majority split gives each of {num_clients} clients {client_size} samples; lower data.num_clients "
             "or set data.client_size"
         )
     free = np.ones(len(labels), dtype=bool)
-    parts = []
-    for i in range(num_clients):
-        share = rng.uniform(*ratio) if ratio[1] > ratio[0] else ratio[0]
-        major = i % num_classes
-        n_major = int(share * client_size)
-        pools = [np.flatnonzero(free & (labels == major)), np.flatnonzero(free & (labels != major))]
-        wanted = [n_major, client_size - n_major]
-        picked = []
-        for members, k in zip(pools, wanted):
+    shares = [rng.uniform(*ratio) if ratio[1] > ratio[0] else ratio[0] for _ in range(num_clients)]
+    majors = [i % num_classes for i in range(num_clients)]
+    picked: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for phase in ("majority", "minority"):
+        for i in range(num_clients):
+            n_major = int(shares[i] * client_size)
+            if phase == "majority":
+                members, k, which = np.flatnonzero(free & (labels == majors[i])), n_major, f"class {majors[i]}"
+            else:
+                members = np.flatnonzero(free & (labels != majors[i]))
+                k, which = client_size - n_major, f"classes other than {majors[i]}"
             if len(members) < k:
-                which = f"class {major}" if members is pools[0] else f"classes other than {major}"
                 raise DataError(
                     f"majority split: client {i} needs {k} samples of {which} but only {len(members)} are left "
                     f"(data.client_size={client_size} x {num_clients} clients); lower data.num_clients or data.client_size"
                 )
-            picked.append(rng.choice(members, size=k, replace=False))
-        rows = np.sort(np.concatenate(picked))
-        free[rows] = False
-        parts.append(rows)
-    return parts
+            rows = rng.choice(members, size=k, replace=False)
+            free[rows] = False
+            picked[i].append(rows)
+    return [np.sort(np.concatenate(p)) for p in picked]
 
 
 def default_client_size(labels: np.ndarray, num_clients: int, num_classes: int, ratio: tuple[float, float]) -> int:
     """The largest majority-split client size that the pool can serve: the pool / N (the code's),
-    lowered until no class is asked for more samples than it has (with 10% slack for the random
-    minority draws when there are more than two classes)."""
+    lowered until no class is asked for more samples than it has, counting each minority part as
+    drawn from the other classes in proportion to their sizes (with 5% slack for the randomness of
+    those draws when there are more than two classes)."""
     size = len(labels) // num_clients
-    majors = np.bincount(np.arange(num_clients) % num_classes, minlength=num_classes)
-    counts = np.bincount(labels, minlength=num_classes)
-    others = max(1, num_classes - 1)
+    counts = np.bincount(labels, minlength=num_classes).astype(float)
+    demand = np.zeros(num_classes)
+    for i in range(num_clients):
+        major = i % num_classes
+        demand[major] += ratio[1]
+        others = counts.sum() - counts[major]
+        if others > 0:
+            share = counts / others
+            share[major] = 0.0
+            demand += (1.0 - ratio[0]) * share
+    slack = 1.0 if num_classes == 2 else 0.95
     for c in range(num_classes):
-        per_unit = ratio[1] * majors[c] + (1.0 - ratio[0]) * (num_clients - majors[c]) / others
-        if per_unit > 0:
-            size = min(size, int(counts[c] / per_unit * (1.0 if num_classes == 2 else 0.9)))
+        if demand[c] > 0:
+            size = min(size, int(counts[c] / demand[c] * slack))
     return size
 
 
