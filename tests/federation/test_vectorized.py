@@ -10,7 +10,6 @@ from torch import nn
 
 from fedmoe.algorithms.base import ClientPlan
 from fedmoe.algorithms.fedprox import ProximalTerm
-from fedmoe.cli import main
 from fedmoe.data.digits import DigitsDataModule
 from fedmoe.data.femnist import FEMNISTDataModule
 from fedmoe.errors import ConfigError
@@ -236,14 +235,31 @@ def test_unknown_executor_name_is_a_config_error():
         build_executor("vectorised")
 
 
-def test_cli_refuses_fedmoe_on_the_vectorized_executor_with_one_line(tmp_path, capsys):
-    quickstart = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "experiments" / "quickstart.yaml")
-    code = main(["fit", "--config", quickstart, "--trainer.default_root_dir", str(tmp_path / "run"),
-                 "--federation.executor", "vectorized", "--federation.progress", "false"])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert code == 2 and len(err) == 1
-    assert err[0].startswith("error: federation.executor vectorized does not run Fed-MoE")
-    assert not (tmp_path / "run").exists()
+def test_fedmoe_rounds_with_vectorized_clients_match_sequential(tmp_path):
+    """Fed-MoE's clients start from their own synced models (Stage C): batched as one model, their
+    training matches one by one, and so do the server's experts and the clients' stored models."""
+    from fedmoe.algorithms.fedmoe import FedMoE
+
+    def loop(executor):
+        module = _module("digits_cnn", "sgd")
+        algo = FedMoE(num_routed=2, num_main=1, lam=0.5, server_epochs=1)
+        fed = Federation(algorithm=algo, rounds=2, clients_per_round=3, executor=executor, eval_every=None,
+                         eval_last=False, client_eval=False, checkpoint_every=None, checkpoint_last=False,
+                         write_logs=False, progress=False)
+        run = FederatedLoop(fed, module, DigitsDataModule(num_clients=4, batch_size=32), RunnerSettings(max_epochs=1,
+                            limit_train_batches=3), run_dir=tmp_path / executor, seed=1)
+        run.fit()
+        return run
+
+    seq, vec = loop("sequential"), loop("vectorized")
+    for key, value in seq.state["moe"].items():
+        torch.testing.assert_close(vec.state["moe"][key], value, atol=1e-4, rtol=1e-4)
+    stored = [c for c in range(4) if seq.store.get_weights(c) is not None]
+    assert stored and stored == [c for c in range(4) if vec.store.get_weights(c) is not None]
+    for cid in stored:
+        mine = vec.store.get_weights(cid)
+        for key, value in seq.store.get_weights(cid).items():
+            torch.testing.assert_close(mine[key], value, atol=1e-4, rtol=1e-4)
 
 
 def test_failing_clients_are_dropped_and_the_others_still_match(tmp_path):

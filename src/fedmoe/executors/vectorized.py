@@ -18,8 +18,9 @@ What cannot be batched is refused with one line naming the reason (:class:`Confi
 or other running statistics, dropout (one random stream cannot reproduce each client's own),
 modules whose ``training_step`` or ``loss`` is not the :class:`Classifier`'s, plans whose weights
 differ in keys or shapes (heterogeneous architectures), optimizers other than SGD/Adam/AdamW,
-learning-rate schedules, gradient accumulation, precisions other than 32-bit, per-client
-regularizers other than one FedProx proximal term, and Fed-MoE.
+learning-rate schedules, gradient accumulation, precisions other than 32-bit, and per-client
+regularizers other than one FedProx proximal term. Fed-MoE's clients batch like any others: each
+starts from its own synced model (the plans' weights are stacked per client).
 """
 
 from __future__ import annotations
@@ -76,13 +77,6 @@ class Vectorized(Executor):
         _check_settings(settings)
         _check_module(module)
         self.optim = _OptimizerSpec.from_module(module)
-
-    def check(self, algorithm) -> None:
-        if type(algorithm).__name__ == "FedMoE":
-            raise ConfigError(
-                f"{_PREFIX} does not run Fed-MoE (its personalised clients and server-side experts are "
-                "trained one by one); use federation.executor sequential"
-            )
 
     # -- running ----------------------------------------------------------------------------------
 
