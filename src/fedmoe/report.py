@@ -232,7 +232,7 @@ PAPER_COLUMNS = ["data set", "clients", "algorithm", "paper acc", "ours", "diffe
 PAPER_LEGEND = ("ours: the server's test accuracy (%) at the run's best validation round (the paper's metric); "
                 "difference: ours - paper, in points; rounds: rounds run, of the config's federation.rounds")
 #: The ``--paper`` files when ``--out`` is not given.
-PAPER_OUT = "runs/paper"
+PAPER_OUT = "runs/paper_table"
 
 
 @dataclass

@@ -226,3 +226,11 @@ def test_an_out_folder_that_is_a_file_is_one_error_line(tmp_path, capsys):
     (tmp_path / "out").write_text("")
     assert main([run, "--paper", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'out'} is a file, not a folder")
+
+
+def test_without_out_the_files_go_to_runs_paper_table(tmp_path, monkeypatch, capsys):
+    run = _run(tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    assert main([run, "--paper"]) == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "paper_table").iterdir()) == ["paper.csv", "paper.md",
+                                                                                    "paper_femnist.png"]
