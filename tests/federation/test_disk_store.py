@@ -114,10 +114,11 @@ def test_memory_and_disk_states_restore_into_each_other(tmp_path):
     disk = ClientStore(root=tmp_path / "clients")
     disk.load_state_dict(mem.state_dict())
     assert not (tmp_path / "clients").exists()  # restoring writes nothing
-    disk.persist()
+    state = disk.state_dict()  # writes them into the store folder first
+    assert state["files"]["weights"][2]["bytes"] > 0
     assert files(tmp_path / "clients") == ["c2.optimizer.v0.safetensors", "c2.weights.v0.safetensors"]
     back = ClientStore()
-    back.load_state_dict(disk.state_dict())
+    back.load_state_dict(state)
     assert torch.equal(back.get_weights(2)["w"], weights(1.5)["w"])
     assert torch.equal(back.get_optimizer(2)["state"][0]["exp_avg"], adam_state(1)["state"][0]["exp_avg"])
 
@@ -128,7 +129,7 @@ def test_a_manifest_from_another_run_folder_is_copied_into_this_one(tmp_path):
     state = first.state_dict()
     second = ClientStore(root=tmp_path / "b" / "clients")
     second.load_state_dict(state, folder=tmp_path / "a" / "clients")
-    second.persist()
+    second.state_dict()
     second.commit()
     assert files(tmp_path / "b" / "clients") == ["c0.weights.v2.safetensors"]
     assert files(tmp_path / "a" / "clients") == ["c0.weights.v2.safetensors"]  # never touched
@@ -211,21 +212,25 @@ def _assert_same(a: FederatedLoop, b: FederatedLoop) -> None:
     assert drop_time(a.history) == drop_time(b.history)
 
 
-def test_disk_store_run_equals_memory_store_run_and_its_checkpoint_holds_no_client_tensors(tmp_path):
-    mem = _loop(tmp_path / "mem", store="memory")
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> FederatedLoop:
+    """An uninterrupted 3-round run with the disk store (read, never changed, by the tests)."""
+    loop = _loop(tmp_path_factory.mktemp("full") / "run", rounds=3)
+    loop.fit()
+    return loop
+
+
+def test_disk_store_run_equals_memory_store_run_and_its_checkpoint_holds_no_client_tensors(tmp_path, full):
+    mem = _loop(tmp_path / "mem", rounds=3, store="memory")
     mem.fit()
-    disk = _loop(tmp_path / "disk")
-    disk.fit()
-    _assert_same(mem, disk)
-    ckpt = load_checkpoint(disk.ckpt_path)["store"]
+    _assert_same(mem, full)
+    ckpt = load_checkpoint(full.ckpt_path)["store"]
     listed = sorted(e["file"] for kind in ckpt["files"].values() for e in kind.values())
-    assert listed == files(tmp_path / "disk" / "clients")  # exactly the referenced versions are kept
-    assert disk.ckpt_path.stat().st_size < mem.ckpt_path.stat().st_size
+    assert listed == files(full.run_dir / "clients")  # exactly the referenced versions are kept
+    assert full.ckpt_path.stat().st_size < mem.ckpt_path.stat().st_size
 
 
-def test_run_killed_while_writing_the_store_resumes_bit_identical_ignoring_newer_files(tmp_path, monkeypatch):
-    full = _loop(tmp_path / "full", rounds=3)
-    full.fit()
+def test_run_killed_while_writing_the_store_resumes_bit_identical_ignoring_newer_files(tmp_path, monkeypatch, full):
     run = tmp_path / "run"
     crashing = _loop(run, rounds=3)
     real = store_module.atomic_write_bytes
@@ -252,9 +257,7 @@ def test_run_killed_while_writing_the_store_resumes_bit_identical_ignoring_newer
     _assert_same(full, resumed)
 
 
-def test_checkpoint_every_two_rounds_keeps_the_versions_it_references(tmp_path):
-    full = _loop(tmp_path / "full", rounds=3)
-    full.fit()
+def test_checkpoint_every_two_rounds_keeps_the_versions_it_references(tmp_path, full):
     run = tmp_path / "run"
     first = _loop(run, rounds=3, checkpoint_every=2, checkpoint_last=False)
     first.fit()  # checkpoint at round 2; round 3's files are newer than it
@@ -278,7 +281,8 @@ def test_cli_reports_a_missing_client_file_as_one_error_line(tmp_path, capsys):
 
     args = ["fit", "--config", str(ROOT / "experiments" / "quickstart.yaml"), "--trainer.default_root_dir",
             str(tmp_path / "run"), "--trainer.max_epochs", "1", "--federation.progress", "false",
-            "--federation.client_store", "disk", "--federation.clients_per_round", "2"]
+            "--federation.client_store", "disk", "--federation.clients_per_round", "2",
+            "--trainer.logger", "false", "--federation.client_eval", "false"]
     assert main([*args, "--federation.rounds", "1"]) == 0
     victim = sorted((tmp_path / "run" / "clients").iterdir())[0]
     victim.unlink()

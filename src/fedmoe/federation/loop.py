@@ -238,7 +238,6 @@ class FederatedLoop:
     def save(self) -> None:
         """Save the checkpoint; with a disk client store it references the store's files, and the
         files it no longer references are deleted once it is written."""
-        self.store.persist()
         ckpt_io.save_checkpoint(self.ckpt_path, self.state_dict())
         self.store.commit()
 

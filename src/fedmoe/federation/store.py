@@ -110,12 +110,13 @@ class ClientStore:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps: the clients' tensors (memory) or the manifest of their files (disk).
 
-        With the disk backend, call :meth:`persist` first (clients loaded from elsewhere are
-        written into ``root``) and :meth:`commit` once the checkpoint is safely written.
+        With the disk backend, clients restored from elsewhere are first written into ``root``
+        (:meth:`persist`); call :meth:`commit` once the checkpoint is safely written.
         """
         if self.root is None:
             return {"backend": "memory", "dtype": self.dtype, "weights": self._slots["weights"].data,
                     "optimizers": self._slots["optimizer"].data}
+        self.persist()
         return {"backend": "disk", "dtype": self.dtype, "root": str(self.root.resolve()),
                 "files": {kind: self._slots[kind].manifest() for kind in KINDS}}
 
