@@ -12,11 +12,12 @@ from fedmoe.executors.sequential import Sequential
 EXECUTORS: dict[str, str] = {
     "sequential": "fedmoe.executors.sequential:Sequential",
     "vectorized": "fedmoe.executors.vectorized:Vectorized",
+    "parallel": "fedmoe.executors.parallel:Parallel",
 }
 
 
 def build_executor(executor: Executor | str) -> Executor:
-    """An executor with default options from its name (``sequential``, ``vectorized``);
+    """An executor with default options from its name (``sequential``, ``vectorized``, ``parallel``);
     an :class:`Executor` is returned as it is."""
     if isinstance(executor, Executor):
         return executor
