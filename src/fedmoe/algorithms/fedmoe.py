@@ -113,6 +113,10 @@ class FedMoE(Algorithm):
         keep_best_iteration: continue from the iteration with the lowest validation loss; false (the
             code) continues from the last iteration and records the lowest-validation-loss state of
             the whole run in ``state["best"]`` (evaluate it with :meth:`best_module`).
+        random_routing, random_routing_min, random_routing_steps: epsilon-greedy exploration of the
+            text folders (:class:`ExploringMoE`): epsilon starts at ``random_routing`` (0: off, the
+            text folders: 0.5) and falls linearly to ``random_routing_min`` over
+            ``random_routing_steps`` server training batches.
     """
 
     personalised = True
@@ -125,7 +129,7 @@ class FedMoE(Algorithm):
         "main_update", "main_epochs", "main_lr", "server_epochs", "server_schedule", "train_experts_on_server",
         "expert_lr", "main_server_lr", "train_noise", "gate_lr", "alpha_lr", "server_weight_decay", "server_eps",
         "server_lr_schedule", "server_lr_period", "server_lr_gamma", "stage_c", "client_update", "common_init",
-        "keep_best_iteration",
+        "keep_best_iteration", "random_routing", "random_routing_min", "random_routing_steps",
     )
 
     def __init__(
@@ -170,6 +174,9 @@ class FedMoE(Algorithm):
         client_update: Literal["moving", "replace"] = "moving",
         common_init: bool = True,
         keep_best_iteration: bool = True,
+        random_routing: float = 0.0,
+        random_routing_min: float = 0.01,
+        random_routing_steps: int = 10000,
     ) -> None:
         _check_options(locals())
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
@@ -186,7 +193,11 @@ class FedMoE(Algorithm):
                 return ctx.build_network(self.num_routed)
             return build_network(self.gate_network, self.num_routed)
 
-        moe = ServerMoE(
+        exploring = {}
+        if self.random_routing > 0:
+            exploring = {"start": self.random_routing, "end": self.random_routing_min, "steps": self.random_routing_steps}
+        moe = (ExploringMoE if exploring else ServerMoE)(
+            **exploring,
             experts=[ctx.build_network() for _ in range(self.num_routed)],
             mains=[ctx.build_network() for _ in range(self.num_main)],
             gate=gate_net(),
@@ -224,6 +235,7 @@ class FedMoE(Algorithm):
             with torch.random.fork_rng(devices=[]):
                 self._module = self._build(ctx)
         self._module.moe.load_state_dict(state["moe"])
+        self._module.moe.steps_done = int(state.get("routing_steps", 0))
         return self._module
 
     def _scratch_net(self, ctx: ServerContext) -> nn.Module:
@@ -245,6 +257,7 @@ class FedMoE(Algorithm):
             state["optimizer"] = self._server_step(module, state, 1, None, ctx)
             state["server_fits"] = 1
             state["moe"] = _clone(module.moe.state_dict())
+            state["routing_steps"] = getattr(module.moe, "steps_done", 0)
         return state
 
     def configure_client(self, state: ServerState, client_id: int, client_weights: StateDict | None) -> ClientPlan:
@@ -294,7 +307,7 @@ class FedMoE(Algorithm):
         w_c = sync_weights(s, float(moe.alpha_value().detach()), moe.num_main > 0, self.stage_c)
         stats = {**stats, "W_c": w_c, **self.gate_statistics(moe, ctx)}
         out = {**state, "moe": moe_state, "optimizer": optimizer_state, "stats": stats, "val": dict(val),
-               "server_fits": fits, "rounds": rounds}
+               "server_fits": fits, "rounds": rounds, "routing_steps": getattr(moe, "steps_done", 0)}
         if record is not None:
             out["best"] = record
         return out
@@ -427,6 +440,42 @@ class FedMoE(Algorithm):
         }
 
 
+class ExploringMoE(ServerMoE):
+    """:class:`ServerMoE` with the text folders' epsilon-greedy routing (Sent140 ``moe_bert.py:313-319``,
+    Yelp ``moe.py:315-321``): in a training forward, with probability epsilon, every sample of the
+    batch goes to k distinct experts drawn at random, carrying the gate values of its own top k.
+    epsilon = max(end, start - s (start - end) / steps) at the s-th training forward (the code lowers
+    it by (start - end) / steps before each server training batch, Sent140 ``train.py:35-36``, Yelp
+    ``train.py:29-30``)."""
+
+    def __init__(self, *args: Any, start: float, end: float, steps: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start, self.end, self.steps = start, end, steps
+        self.steps_done = 0
+        self._exploring = False
+
+    def epsilon(self) -> float:
+        """The exploration probability after ``steps_done`` training forwards."""
+        return max(self.end, self.start - self.steps_done * (self.start - self.end) / self.steps)
+
+    def forward(self, x: Any):
+        if self.training:
+            self.steps_done += 1
+        self._exploring = self.training
+        try:
+            return super().forward(x)
+        finally:
+            self._exploring = False
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gates, top = super().route(logits)
+        epsilon = self.epsilon()
+        if not self._exploring or epsilon <= 0 or float(torch.rand(())) >= epsilon:
+            return gates, top
+        chosen = torch.rand(logits.shape, device=logits.device).argsort(dim=1)[:, : top.shape[1]]
+        return torch.zeros_like(gates).scatter(1, chosen, gates.gather(1, top)), chosen
+
+
 _KEY = "federation.algorithm."
 _CHOICES = {
     "gate_value": ("probability", "renormalised", "code"),
@@ -461,6 +510,9 @@ def _check_options(o: dict[str, Any]) -> None:
     for name in ("w_ent", "w_aux", "gate_lr", "alpha_lr", "main_lr", "expert_lr", "main_server_lr", "server_weight_decay"):
         check_float(_KEY + name, o[name], 0.0)
     check_float(_KEY + "server_eps", o["server_eps"], 0.0, low_open=True)
+    check_float(_KEY + "random_routing", o["random_routing"], 0.0, 1.0)
+    check_float(_KEY + "random_routing_min", o["random_routing_min"], 0.0, 1.0)
+    check_int(_KEY + "random_routing_steps", o["random_routing_steps"], 1)
     for name, choices in _CHOICES.items():
         check_choice(_KEY + name, o[name], choices)
     if o["gate_network"] is not None:
