@@ -3,6 +3,7 @@ tiny from configs (no downloads)."""
 
 from __future__ import annotations
 
+import importlib
 import pytest
 import torch
 
@@ -12,6 +13,10 @@ from fedmoe.models.moe import ServerMoE, server_loss
 from fedmoe.models.networks import build_network
 from fedmoe.models.text_encoder import TextEncoder, check_vocabulary
 from tests.wordlevel import word_tokenizer
+
+# Imported at collection: a slow first import is not a test's time.
+importlib.import_module("transformers.models.bert.modeling_bert")
+importlib.import_module("transformers.models.gpt2.modeling_gpt2")
 
 CONFIGS = {
     "bert": {"model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
