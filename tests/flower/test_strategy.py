@@ -77,5 +77,5 @@ def test_clients_without_a_supernode_are_named_after_the_connect_timeout(fl, tmp
 
 def test_a_node_whose_partition_is_not_a_client_is_refused(fl, tmp_path):
     config = fl.write_config(tmp_path, clients=3, per_round=2, rounds=1)
-    with pytest.raises(ConfigError, match=r"partition-id=7 is not a client of the data \(0\.\.2\)"):
+    with pytest.raises(ConfigError, match=r"node 1007 has partition-id=7, which is not a client of the data \(0\.\.2\)"):
         flower_run(fl, config, partitions=(0, 1, 7))

@@ -67,17 +67,19 @@ def client_side(config_yaml: str, overrides: Sequence[str] = (), data_dir: str |
     return side
 
 
-def node_client_id(context: Context, num_clients: int) -> int:
-    """The client a node holds: its ``partition-id``, checked against the data's clients."""
+def node_client_id(context: Context, num_clients: int | None = None) -> int:
+    """The client a node holds: its ``partition-id`` (checked against ``num_clients`` if given)."""
     if PARTITION_KEY not in context.node_config:
         raise ConfigError(
             f"this SuperNode has no {PARTITION_KEY}: start it with --node-config \"{PARTITION_KEY}=<client id>\""
         )
     cid = context.node_config[PARTITION_KEY]
-    if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid < num_clients:
+    bad = isinstance(cid, bool) or not isinstance(cid, int) or cid < 0
+    if bad or (num_clients is not None and cid >= num_clients):
+        within = f" (0..{num_clients - 1})" if num_clients is not None else ""
         raise ConfigError(
-            f"node config {PARTITION_KEY}={cid!r} is not a client of the data (0..{num_clients - 1}); fix "
-            "--node-config on flower-supernode or data.num_clients"
+            f"node config {PARTITION_KEY}={cid!r} is not a client of the data{within}; fix --node-config on "
+            "flower-supernode or data.num_clients"
         )
     return cid
 
@@ -105,10 +107,9 @@ def client_app(config_yaml: str | None = None, overrides: Sequence[str] = (), th
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        """Which client this node holds, and how many clients its data has."""
-        side = side_of(context)
-        cid = node_client_id(context, side.job.num_clients)
-        reply = ConfigRecord({"client-id": cid, "num-clients": side.job.num_clients})
+        """Which client this node holds (its ``partition-id``; the server checks it against the data).
+        Answered without building the job: a deployed node starts a process per message."""
+        reply = ConfigRecord({"client-id": node_client_id(context)})
         return Message(RecordDict({"node": reply}), reply_to=message)
 
     @app.train()

@@ -8,6 +8,7 @@ that builds the job from the same config starts from the same initial weights.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,11 @@ def build_job(config: str | Path, overrides: Sequence[str] = (), data_dir: str |
         args += ["--data.init_args.data_dir", str(data_dir)]
     cli_class = _build_cli_class(args, check_config_files(args))
     cli_class._argv = args
-    cli = cli_class(args=args, run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # a Flower process's own arguments are not the config's
+    try:
+        cli = cli_class(args=args, run=False)
+    finally:
+        sys.argv = argv
     cfg = cli.config
     seed = cfg.get("seed_everything")
     if isinstance(seed, bool) or not isinstance(seed, int):

@@ -108,13 +108,12 @@ class AlgorithmStrategy(Strategy):
                     node = reply.metadata.src_node_id
                     if reply.has_error():
                         raise ConfigError(f"node {node} cannot serve this run: {reply.error.reason.strip()}")
-                    info = reply.content["node"]
-                    if int(info["num-clients"]) != self.num_clients:
+                    cid = int(reply.content["node"]["client-id"])
+                    if not 0 <= cid < self.num_clients:
                         raise ConfigError(
-                            f"node {node} builds {info['num-clients']} clients from its config but the server "
-                            f"{self.num_clients}; every node must run the same config"
+                            f"node {node} has partition-id={cid}, which is not a client of the data "
+                            f"(0..{self.num_clients - 1}); fix --node-config on its flower-supernode or data.num_clients"
                         )
-                    cid = int(info["client-id"])
                     if cid in self.nodes and self.nodes[cid] != node:
                         raise ConfigError(f"nodes {self.nodes[cid]} and {node} both hold client {cid} (partition-id)")
                     self.nodes[cid] = node
