@@ -352,6 +352,7 @@ class FederatedLoop:
             opt = self.store.get_optimizer(cid) if self.fed.persistent_optimizer else None
             tasks.append(ClientTask(cid, plan, opt, keep_optimizer=self.fed.persistent_optimizer, round=r, seed=self.seed))
         outcomes = self.fed.executor.run(tasks)
+        del tasks, own, plan, opt  # the round's inputs: with a disk client store, their only copies in memory
         results: list[ClientResult] = []
         optimizer_states: dict[int, dict | None] = {}
         dropped: list[str] = []
