@@ -21,6 +21,9 @@ class Sequential(Executor):
         progress: show a progress bar over the round's clients.
     """
 
+    multi_device_clients = True
+    """Under a multi-device ``trainer.strategy`` each client's fit runs on all of ``trainer.devices``."""
+
     def __init__(self, progress: bool = False) -> None:
         self.progress = progress
 
