@@ -290,3 +290,14 @@ def test_cli_reports_a_missing_client_file_as_one_error_line(tmp_path, capsys):
     assert main([*args, "--federation.rounds", "2", "--ckpt_path", "last"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: client store file ") and str(victim) in err[0], err
+
+
+def test_fit_with_a_read_only_store_folder_fails_before_the_first_round(tmp_path, monkeypatch):
+    loop = _loop(tmp_path / "run", rounds=1)
+    _read_only(tmp_path / "run" / "clients", monkeypatch)
+    try:
+        with pytest.raises(CheckpointError, match=rf"client store folder {tmp_path}/run/clients is not writable"):
+            loop.fit()
+    finally:
+        (tmp_path / "run" / "clients").chmod(0o755)
+    assert loop.round == 0 and files(tmp_path / "run") == ["clients"] and files(tmp_path / "run" / "clients") == []
