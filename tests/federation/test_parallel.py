@@ -131,8 +131,10 @@ def test_a_client_whose_worker_dies_twice_is_a_client_failure(pool):
     module = _module()
     pool.bind(module, dm, RunnerSettings(max_epochs=1))
     tasks = _tasks(module, range(4), {1: {"regularizer": sys.exit}})  # exits the worker that trains it
+    restarts = pool.restarts
     outcomes = pool.run(tasks)
     assert isinstance(outcomes[1], ClientFailure) and "died twice" in outcomes[1].error
+    assert pool.restarts == restarts + 2
     sequential = Sequential()
     sequential.bind(module, dm, RunnerSettings(max_epochs=1))
     _assert_same_outcomes(sequential.run([tasks[i] for i in (0, 2, 3)]), [outcomes[i] for i in (0, 2, 3)])
@@ -184,14 +186,19 @@ federation:
     return path
 
 
-def test_cli_runs_the_parallel_executor_from_yaml_and_leaves_no_worker(tmp_path, pool, capsys):
+def test_cli_runs_the_parallel_executor_from_yaml_on_daemonic_workers(tmp_path, pool, capsys):
     before = {p.pid for p in multiprocessing.active_children()}
     assert main(["fit", "--config", str(_config(tmp_path, "cpu:1"))]) == 0
     assert "FedAvg: 2 rounds" in capsys.readouterr().out
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
+    started = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert [p.name for p in started] == ["fedmoe-parallel-0"] and started[0].daemon  # it cannot outlive this process
+    pid = started[0].pid
     gc.collect()
-    left = [p for p in multiprocessing.active_children() if p.pid not in before and p.name.startswith("fedmoe-parallel")]
-    assert not left
+    for executor in [o for o in gc.get_objects() if isinstance(o, Parallel) and o is not pool]:
+        executor.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_cli_refuses_bad_devices_with_one_line(tmp_path, capsys):

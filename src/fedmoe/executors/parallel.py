@@ -167,7 +167,7 @@ class Parallel(Executor):
             w.received = 0
             if dealt[w.index]:
                 pending[w.index] = list(dealt[w.index])
-                self._send_tasks(w, blobs[w.index], packed, tasks, pending[w.index], out)
+                self._send_tasks(w, blobs[w.index], packed)
         while any(pending.values()):
             busy = [w for w in self._workers if pending.get(w.index)]
             ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
@@ -197,7 +197,7 @@ class Parallel(Executor):
             loads[w] += max(sizes[pos], 1)
         return [sorted(d) for d in dealt]
 
-    def _send_tasks(self, w: "_Worker", blob: bytes, packed: "_Packed", tasks, positions, out) -> None:
+    def _send_tasks(self, w: "_Worker", blob: bytes, packed: "_Packed") -> None:
         try:
             w.conn.send(("train", blob, packed))
         except (OSError, ValueError) as e:  # the worker died; _collect sees it
@@ -217,32 +217,37 @@ class Parallel(Executor):
         return bool(positions) and not w.process.is_alive()
 
     def _recover(self, w: "_Worker", tasks: list[ClientTask], positions: list[int], attempts: list[int], out) -> None:
-        """Restart a dead worker and give it its unfinished clients once more; clients already rerun fail."""
-        code = w.process.exitcode
+        """Restart a dead worker and resend its unfinished clients. A worker trains its clients in the
+        order sent, so the first unfinished one was training when it died: it is rerun once, and is a
+        :class:`ClientFailure` if its worker dies again; the others had not started."""
+        code = w.process.exitcode if w.process is not None else None
+        pid = w.process.pid if w.process is not None else None
         self.restarts += 1
-        again = [p for p in positions if attempts[p] == 0]
-        for p in positions:
-            if attempts[p] > 0:
-                out[p] = ClientFailure(tasks[p].client_id, f"worker {w.index} ({w.device}) died twice while training it "
-                                                           f"(exit code {code})")
-        log.warning("worker %d (%s, pid %s) died (exit code %s); restarting it and rerunning clients %s",
-                    w.index, w.device, w.process.pid, code, [tasks[p].client_id for p in again])
-        positions[:] = again
+        if not positions:
+            return
+        running = positions[0]
+        attempts[running] += 1
+        if attempts[running] > 1:
+            out[running] = ClientFailure(tasks[running].client_id, f"worker {w.index} ({w.device}) died twice while "
+                                                                   f"training it (exit code {code})")
+            positions.pop(0)
+        else:
+            self.reruns += 1
+        log.warning("worker %d (%s, pid %s) died (exit code %s) while training client %d; restarting it for "
+                    "clients %s", w.index, w.device, pid, code, tasks[running].client_id,
+                    [tasks[p].client_id for p in positions])
         try:
             self._spawn(w)
             self._bind_worker(w)
         except Exception as e:
-            for p in again:
+            for p in positions:
                 out[p] = ClientFailure(tasks[p].client_id, f"worker {w.index} could not be restarted: {e}")
             positions.clear()
             return
-        for p in again:
-            attempts[p] += 1
-        self.reruns += len(again)
-        if again:
+        if positions:
             packer = _Packer()
-            blob = packer.dumps([(p, tasks[p]) for p in again])
-            self._send_tasks(w, blob, packer.pack(), tasks, again, out)
+            blob = packer.dumps([(p, tasks[p]) for p in positions])
+            self._send_tasks(w, blob, packer.pack())
 
     # -- processes --------------------------------------------------------------------------------
 
