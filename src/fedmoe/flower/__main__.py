@@ -15,6 +15,7 @@ with code 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -70,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user error prints one ``error:`` line and returns 2."""
+    for noisy in ("lightning", "lightning.fabric", "lightning.pytorch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args, overrides = _parser().parse_known_args(argv)
     if overrides and args.command not in ("simulate", "app"):
         _parser().error(f"unrecognized arguments: {' '.join(overrides)}")

@@ -44,7 +44,7 @@ def write_app(
         config_yaml: the resolved config (:attr:`FederatedJob.config_yaml`).
         name: the app's name (lower case letters, digits and ``-``).
         output_dir: where the ServerApp writes the server weights and summary (an absolute path on
-            the SuperLink's machine; default ``<trainer.default_root_dir>/flower`` there).
+            the SuperLink's machine; None or "": ``<trainer.default_root_dir>/flower`` there).
         client_threads: torch threads per ClientApp process (0: torch's default).
         connect_timeout: seconds the ServerApp waits for a SuperNode per client.
         round_timeout: seconds the ServerApp waits for a round's replies.
@@ -53,14 +53,13 @@ def write_app(
         raise ConfigError(f"app name {name!r}: use lower case letters, digits and '-'")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    values = {
+    values = {  # every key is written, so that flwr run --run-config can override any of them
         CONFIG_KEY: _toml_string(config_yaml),
+        OUTPUT_KEY: _toml_string("" if output_dir is None else str(output_dir)),
         THREADS_KEY: str(int(client_threads)),
         CONNECT_TIMEOUT_KEY: repr(float(connect_timeout)),
         ROUND_TIMEOUT_KEY: repr(float(round_timeout)),
     }
-    if output_dir is not None:
-        values[OUTPUT_KEY] = _toml_string(str(output_dir))
     lines = [
         "# A fedmoe job as a Flower App (python -m fedmoe.flower app). fedmoe[flower] must be installed",
         "# on every machine; run with FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1.",

@@ -12,9 +12,10 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Sequence
 
-from fedmoe.errors import ConfigError
+from fedmoe.errors import ConfigError, DataError
 
 
 @dataclass
@@ -74,6 +75,11 @@ def build_job(config: str | Path, overrides: Sequence[str] = (), data_dir: str |
     datamodule = cli.datamodule
     datamodule.setup("fit")
     federation = cli.config_init["federation"]
+    n = len(datamodule.splits.client_train)
+    if federation.clients_per_round > n:
+        raise DataError(f"federation.clients_per_round={federation.clients_per_round} exceeds the {n} clients of the data")
+    cli._check_optimizer(cli.model)  # the checks fit makes before round 1
+    cli._check_data(SimpleNamespace(datamodule=datamodule), cli.model)
     return FederatedJob(
         module=cli.model,
         datamodule=datamodule,
