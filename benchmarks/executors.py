@@ -1,20 +1,27 @@
-"""Client-epochs per second and peak memory of the sequential and vectorized executors, side by side.
+"""Client-epochs per second and peak memory of the sequential, parallel and vectorized executors, side by side.
 
-Both executors train the same FEMNIST clients in the same rounds from the same start: the LEAF CNN
+The executors train the same FEMNIST clients in the same rounds from the same start: the LEAF CNN
 (``femnist_cnn``), Adam (lr 3e-4, fresh per client), batch size 64 and the training augmentation of
 ``experiments/femnist/fedavg.yaml``, one local epoch; ``--clients`` clients of
 ``--writers-per-client`` writers each (default: 5, or as many as the data holds for that many
 clients). A warm-up round of each comes first, then ``--rounds`` measured rounds, interleaved
-sequential, vectorized, sequential, ...; each side's time is ``Executor.run`` of the round's tasks,
-from loading the clients' data to their weights back on the CPU (the loop's aggregation, evaluation,
-logging and checkpoint are excluded). The two sides' weights from the same round are compared
-(max |difference|), so a run also checks that the vectorized executor matches on that device.
+sequential, parallel, vectorized, sequential, ...; each side's time is ``Executor.run`` of the round's
+tasks, from loading the clients' data to their weights back on the CPU (the loop's aggregation,
+evaluation, logging and checkpoint are excluded). Each side's weights are compared with the
+sequential side's from the same round (max |difference|), so a run also checks that the parallel
+executor matches bit for bit (with ``--threads 1``: its CPU workers use one thread each) and the
+vectorized one to float tolerance.
+
+The parallel executor runs ``--parallel-devices`` workers (default ``cpu:2``; ``none`` leaves it out);
+their start-up (spawn, imports, building the model and data) happens before the warm-up round.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during a side's rounds; on the CPU the
-peak resident set size above the size before the side's round (sampled every 10 ms).
+peak resident set size above the size before the side's round (sampled every 10 ms), for the
+parallel side the sum over this process and its workers (pages of the shared buffers that several
+processes touch count once per process).
 
     python benchmarks/executors.py --data-dir ../shared/data/femnist --clients 4 --threads 1
-    python benchmarks/executors.py --data-dir data/femnist --clients 100 --device cuda
+    python benchmarks/executors.py --data-dir data/femnist --clients 100 --device cuda --parallel-devices none
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import torch
 from fedmoe.algorithms.base import ClientPlan
 from fedmoe.data.femnist import FEMNISTDataModule, find_leaf_root, read_leaf
 from fedmoe.executors import ClientTask, build_executor
+from fedmoe.executors.parallel import Parallel
 from fedmoe.federation.runner import RunnerSettings
 from fedmoe.models.classifier import Classifier
 
@@ -51,19 +59,24 @@ def adam(params):
 
 
 class PeakRSS:
-    """Peak resident set size of this process while inside the ``with`` block, above its size at entry."""
+    """Peak resident set size of this process (plus processes ``pids``) while inside the ``with``
+    block, above the size at entry."""
 
-    def __init__(self, interval: float = 0.01) -> None:
+    def __init__(self, interval: float = 0.01, pids: list[int] = ()) -> None:
         self.interval = interval
         self.page = os.sysconf("SC_PAGE_SIZE")
+        self.pids = ["self", *map(str, pids)]
 
     def rss(self) -> int:
-        """Resident bytes now (0 where /proc/self/statm cannot be read)."""
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self.page
-        except (OSError, ValueError, IndexError):
-            return 0
+        """Resident bytes now, summed over the processes (0 for one whose /proc/PID/statm cannot be read)."""
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * self.page
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
 
     def _watch(self) -> None:
         while not self.done.is_set():
@@ -127,6 +140,8 @@ def main() -> int:
     p.add_argument("--chunk-size", type=int, default=None, help="vectorized executor: clients per batched model")
     p.add_argument("--compute", choices=("vmap", "loop"), default=None,
                    help="vectorized executor: vmap (default on a GPU) or loop (default on the CPU)")
+    p.add_argument("--parallel-devices", default="cpu:2",
+                   help="parallel executor: cpu:N worker processes, GPU ids such as 0,1, or none")
     args = p.parse_args()
 
     if args.threads:
@@ -149,15 +164,28 @@ def main() -> int:
           f"Adam lr {LR}; read in {time.perf_counter() - t0:.1f}s", flush=True)
 
     settings = RunnerSettings(accelerator=args.device, max_epochs=args.epochs)
+    names = ["sequential", "parallel", "vectorized"]
+    if args.parallel_devices.lower() == "none":
+        names.remove("parallel")
     sides = {}
-    for name in ("sequential", "vectorized"):
+    for name in names:
         torch.manual_seed(0)
         module = Classifier("femnist_cnn", NUM_CLASSES, optimizer=adam)
         start = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
-        executor = build_executor(name)
+        if name == "parallel":
+            devices = args.parallel_devices
+            executor = Parallel(devices if devices.lower().startswith("cpu") else [int(d) for d in devices.split(",")])
+        else:
+            executor = build_executor(name)
         if name == "vectorized":
             executor.chunk_size, executor.compute = args.chunk_size, args.compute
         executor.bind(module, dm, settings)
+        if name == "parallel":
+            t = time.perf_counter()
+            executor.start()
+            rest = PeakRSS(pids=executor.pids).rss() - PeakRSS().rss()
+            print(f"parallel: {len(executor.pids)} workers on {args.parallel_devices} started in "
+                  f"{time.perf_counter() - t:.1f}s, resident {rest / 2**20:,.0f} MiB together", flush=True)
         sides[name] = {"executor": executor, "start": start, "times": [], "peak": 0, "parts": {}}
     params = sum(v.numel() for v in sides["sequential"]["start"].values())
     vec = sides["vectorized"]["executor"]
@@ -172,7 +200,8 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        with PeakRSS() as rss:
+        pids = side["executor"].pids if name == "parallel" else []
+        with PeakRSS(pids=pids) as rss:
             t = time.perf_counter()
             out = side["executor"].run(tasks)
             if device.type == "cuda":
@@ -184,18 +213,19 @@ def main() -> int:
             raise RuntimeError(f"{len(failed)} clients failed, e.g. {failed[0].error}")
         return out, seconds, peak
 
-    diffs = []
+    diffs: dict[str, list] = {n: [] for n in names if n != "sequential"}
     for r in range(args.rounds + 1):
         outs = {}
-        for name in [n for n in ("sequential", "vectorized") if n in sides]:
+        for name in [n for n in names if n in sides]:
             try:
                 outs[name], seconds, peak = run(name, r)
             except Exception as e:  # report the other side still
-                print(f"  {name} failed: {type(e).__name__}: {e}; measuring the other side only", flush=True)
-                del sides[name]
+                print(f"  {name} failed: {type(e).__name__}: {e}; measuring the other sides only", flush=True)
+                sides.pop(name)["executor"].close()
                 continue
             label = "warm-up" if r == 0 else f"round {r}"
-            print(f"  {label:8s} {name:10s} {seconds:8.3f}s  ({args.clients * args.epochs / seconds:8.1f} client-epochs/s)",
+            print(f"  {label:8s} {name:10s} {seconds:8.3f}s  ({args.clients * args.epochs / seconds:8.1f} client-epochs/s, "
+                  f"peak {peak / 2**20:,.0f} MiB)",
                   flush=True)
             if r > 0:
                 sides[name]["times"].append(seconds)
@@ -204,12 +234,15 @@ def main() -> int:
                 side_parts = sides[name]["parts"]
                 for key in side_parts:
                     side_parts[key] = 0.0
-        for a, b in zip(outs.get("sequential", []), outs.get("vectorized", [])):
-            for k in a.result.weights:
-                d = (a.result.weights[k] - b.result.weights[k]).abs()
-                diffs.append((d.max().item(), d.sum().item(), d.numel()))
+        for other in diffs:
+            for a, b in zip(outs.get("sequential", []), outs.get(other, [])):
+                for k in a.result.weights:
+                    d = (a.result.weights[k] - b.result.weights[k]).abs()
+                    diffs[other].append((d.max().item(), d.sum().item(), d.numel()))
         del outs
 
+    for side in sides.values():
+        side["executor"].close()
     print()
     rates = {}
     for name, side in sides.items():
@@ -218,19 +251,24 @@ def main() -> int:
         kind = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS above start"
         print(f"{name:10s}: {rates[name]:9.1f} client-epochs/s (median round {med:.3f}s of {len(side['times'])}), "
               f"{kind} {side['peak'] / 2**20:,.0f} MiB")
-    if len(sides) < 2:
-        print("only one side ran: no ratio")
+    if "sequential" not in sides or len(sides) < 2:
+        print("only one side ran, or not the sequential one: no ratio")
         return 1
-    parts = sides["vectorized"]["parts"]
+    parts = sides["vectorized"]["parts"] if "vectorized" in sides else {}
     if parts:
         total = sum(sides["vectorized"]["times"])
         shown = ", ".join(f"{k} {v / total:.0%}" for k, v in parts.items())
         print(f"vectorized time: {shown}, rest (stacking, steps) {(total - sum(parts.values())) / total:.0%}")
-    print(f"|w_vectorized - w_sequential| over clients and rounds: max {max(d[0] for d in diffs):.2e}, "
-          f"mean {sum(d[1] for d in diffs) / sum(d[2] for d in diffs):.2e} (Adam's update near eps magnifies "
-          "summation-order differences of the gradients up to ~lr)")
-    print(f"ratio vectorized / sequential: {rates['vectorized'] / rates['sequential']:.2f}x "
-          f"({args.clients} clients, {args.device})")
+    for other, found in diffs.items():
+        if other in sides and found:
+            note = (" (Adam's update near eps magnifies summation-order differences of the gradients up to ~lr)"
+                    if other == "vectorized" else "")
+            print(f"|w_{other} - w_sequential| over clients and rounds: max {max(d[0] for d in found):.2e}, "
+                  f"mean {sum(d[1] for d in found) / sum(d[2] for d in found):.2e}{note}")
+    for other in diffs:
+        if other in sides:
+            print(f"ratio {other} / sequential: {rates[other] / rates['sequential']:.2f}x "
+                  f"({args.clients} clients, {args.device}, sequential with {torch.get_num_threads()} thread(s))")
     return 0
 
 

@@ -23,7 +23,8 @@ A worker that dies (killed, out of memory) is restarted; the clients it had not 
 once more on the new worker, and a client whose worker dies again is a
 :class:`~fedmoe.executors.base.ClientFailure`, so the loop's ``min_clients`` policy applies.
 :meth:`Parallel.close` stops every worker; workers are daemonic and also stop when the executor is
-garbage collected or the interpreter exits.
+garbage collected or the interpreter exits. Workers are spawned, so a script that uses this executor
+needs the ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
