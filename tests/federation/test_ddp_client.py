@@ -2,14 +2,17 @@
 give the weights of one process with the same global batches."""
 
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 
+import fedmoe.cli
 from fedmoe.algorithms.fedprox import ProximalTerm
 from fedmoe.data.federated import ArrayDataset, FederatedDataModule, client_generator
 from fedmoe.errors import ConfigError
-from fedmoe.federation.multidevice import BatchShare, SameBatches
+from fedmoe.federation import multidevice
+from fedmoe.federation.multidevice import BatchShare, SameBatches, fit_on_devices
 from fedmoe.federation.runner import LocalRunner, RunnerSettings, check_executor_strategy
 from fedmoe.models.classifier import Classifier
 
@@ -189,3 +192,59 @@ def test_net_weights_travel_back_into_the_module_used_by_the_executor():
     LocalRunner(RunnerSettings(strategy="ddp", devices=2, limit_train_batches=1)).fit(
         module, _loader(_data(40)), return_optimizer_state=False)
     assert module.net is net and any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_an_epochs_last_batches_step_even_when_batches_do_not_divide_the_accumulation():
+    # 6 batches an epoch, 4 per step: steps after batches 4 and 6 of every epoch, nothing left over
+    sgd = partial(torch.optim.SGD, lr=0.1)
+    module = _module(sgd)
+    out = LocalRunner(RunnerSettings(accumulate_grad_batches=4)).fit(module, _loader(_data(96), 16), epochs=3)
+    assert out.steps == 6
+    assert all(p.grad is None for p in module.net.parameters())
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "experiments" / "examples" / "large_client_ddp.yaml"
+needs_cli_strategy = pytest.mark.skipif(
+    "strategy: str" not in Path(fedmoe.cli.__file__).read_text(),
+    reason="fedmoe.cli's trainer section does not take strategy yet",
+)
+
+
+def _cli(tmp_path, *args: str) -> list[str]:
+    return ["fit", "--config", str(EXAMPLE), "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--federation.progress", "false", *args]
+
+
+@needs_cli_strategy
+def test_the_example_config_trains_its_clients_on_two_processes(tmp_path, capsys, monkeypatch):
+    worlds = []
+
+    def counted(module, loader, settings, *args):
+        worlds.append(settings.world_size)
+        return fit_on_devices(module, loader, settings, *args)
+
+    monkeypatch.setattr(multidevice, "fit_on_devices", counted)
+    assert fedmoe.cli.main(_cli(tmp_path, "--federation.rounds", "1", "--federation.clients_per_round", "1",
+                                "--trainer.max_epochs", "1")) == 0
+    assert "FedAvg: 1 round in" in capsys.readouterr().out
+    assert worlds == [2]
+    assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 2
+
+
+@needs_cli_strategy
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--federation.executor", "vectorized"], "error: trainer.strategy=ddp trains each client on 2 devices, which "
+                                                  "federation.executor vectorized cannot do"),
+        (["--trainer.devices", "64"], "error: trainer.devices=64: 64 CPU processes but this machine has"),
+        (["--trainer.strategy", "horovod"], "error: trainer.strategy='horovod' is not a Lightning strategy"),
+    ],
+)
+def test_the_command_line_refuses_bad_multi_device_input_with_one_line(tmp_path, capsys, args, message):
+    code = fedmoe.cli.main(_cli(tmp_path, *args))
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith(message), err
+    assert not (tmp_path / "run" / "checkpoints").exists()
