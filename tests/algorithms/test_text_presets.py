@@ -244,3 +244,4 @@ def test_a_sent140_round_runs_fedmoe_with_text_experts_and_counts_exploration(tm
     synced = algo.sync(state, results, ctx)
     assert set(synced) == {0, 2} and synced[0].keys() == results[0].weights.keys()
     assert algo.server_module(state, ctx).moe.steps_done == 3
+

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from abc import ABCMeta, abstractmethod
 from pathlib import Path
 from typing import Sequence
 
@@ -200,7 +201,7 @@ def group_split(groups: np.ndarray, num_clients: int, rng: np.random.Generator) 
     return [rows for _, rows in sorted(parts, key=lambda p: p[0])]
 
 
-class TextDataModule(FederatedDataModule):
+class TextDataModule(FederatedDataModule, metaclass=ABCMeta):
     """The common part of the Sent140 and Yelp modules: tokenisation, server sets, client splits.
 
     Subclasses read their files in :meth:`read` and name their classes; see
@@ -275,9 +276,9 @@ class TextDataModule(FederatedDataModule):
         self.token_cache = token_cache
         self.pad_token_id: int | None = None
 
+    @abstractmethod
     def read(self) -> tuple[list[str], np.ndarray, np.ndarray | None, list[str] | None, np.ndarray | None]:
         """``(train texts, train labels, train groups or None, test texts or None, test labels or None)``."""
-        raise NotImplementedError
 
     def client_parts(self, labels: np.ndarray, groups: np.ndarray | None, rng: np.random.Generator) -> list[np.ndarray]:
         """The client pool's split (positions into ``labels``)."""
