@@ -301,3 +301,15 @@ def test_fit_with_a_read_only_store_folder_fails_before_the_first_round(tmp_path
     finally:
         (tmp_path / "run" / "clients").chmod(0o755)
     assert loop.round == 0 and files(tmp_path / "run") == ["clients"] and files(tmp_path / "run" / "clients") == []
+
+
+def test_a_memory_store_checkpoint_resumes_with_the_disk_store_bit_identical(tmp_path, full):
+    run = tmp_path / "run"
+    _loop(run, rounds=2, store="memory").fit()
+    resumed = _loop(run, rounds=3)
+    resumed.fit(ckpt_path=resumed.ckpt_path)
+    _assert_same(full, resumed)
+    ckpt = load_checkpoint(resumed.ckpt_path)["store"]
+    assert ckpt["backend"] == "disk" and "weights" not in ckpt
+    listed = sorted(e["file"] for kind in ckpt["files"].values() for e in kind.values())
+    assert listed == files(run / "clients")

@@ -28,3 +28,10 @@ def test_store_state_round_trip():
     t.load_state_dict(s.state_dict())
     assert torch.equal(t.get_weights(1)["w"], torch.ones(2))
     assert t.get_optimizer(1)["state"][0]["exp_avg"].shape == (2,)
+
+
+def test_store_loads_a_memory_state_saved_without_a_backend_key():
+    s = ClientStore()
+    s.load_state_dict({"dtype": None, "weights": {3: {"w": torch.ones(2)}}, "optimizers": {}})
+    assert torch.equal(s.get_weights(3)["w"], torch.ones(2)) and s.get_optimizer(3) is None
+    assert s.state_dict()["backend"] == "memory"
