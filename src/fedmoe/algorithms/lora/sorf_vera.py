@@ -48,26 +48,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch import nn
 
-from fedmoe.algorithms.base import (
-    Algorithm,
-    ClientPlan,
-    ClientResult,
-    ServerContext,
-    ServerState,
-    StateDict,
-)
-from fedmoe.algorithms.fusion import num_bytes, weighted_average
+from fedmoe.algorithms.base import ClientResult, ServerContext, ServerState, StateDict
 from fedmoe.algorithms.lora.layout import SORFVeRALayer, to_base_layout
 from fedmoe.algorithms.lora.vera import (
+    VeRAFamily,
     add_to_base,
-    check_uploads,
     check_weighting,
-    client_weights,
-    correction_bytes,
     init_corrections,
-    last_correction_metrics,
     other_trainable_keys,
     record_corrections,
 )
@@ -351,7 +339,7 @@ def aggregate_sorf_vera(
 
 
 @register_rule("sorf_vera")
-class SORFVeRA(Algorithm):
+class SORFVeRA(VeRAFamily):
     """SORF-VeRA: exact aggregation with the residual folded into the base (or the reference's refit).
 
     Args:
@@ -361,6 +349,9 @@ class SORFVeRA(Algorithm):
     """
 
     rule = "sorf_vera"
+    layer_type = SORFVeRALayer
+    layer_label = "SORF-VeRA"
+    build_hint = "build it with fedmoe.models.sorf_vera.apply_sorf_vera and target_modules that match its layers"
 
     def __init__(self, weighting: str = "samples", refit: str = "fold") -> None:
         check_weighting(self.rule, weighting)
@@ -371,15 +362,6 @@ class SORFVeRA(Algorithm):
             )
         self.weighting = weighting
         self.refit = refit
-
-    def _layers(self, ctx: ServerContext) -> list[SORFVeRALayer]:
-        layers = [layer for layer in ctx.adapted_layers() if isinstance(layer, SORFVeRALayer)]
-        if not layers:
-            raise FedMoEError(
-                f"{self.rule}: the client network has no SORF-VeRA layers; build it with "
-                "fedmoe.models.sorf_vera.apply_sorf_vera and target_modules that match its layers"
-            )
-        return layers
 
     def init_server(self, template: StateDict, ctx: ServerContext) -> ServerState:
         layers = self._layers(ctx)
@@ -409,23 +391,9 @@ class SORFVeRA(Algorithm):
         init_corrections(state, caps, template[bases[0]].element_size())
         return state
 
-    def configure_client(self, state: ServerState, client_id: int, client_weights: StateDict | None) -> ClientPlan:
-        g = state["global"]
-        sent = num_bytes({k: g[k] for k in state["sent_keys"]}) + correction_bytes(state, client_id)
-        return ClientPlan(weights=g, upload_keys=frozenset(state["upload_keys"]), wire_bytes=sent)
-
-    def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
-        """The federated subset loaded over the common initial weights (the frozen rest)."""
-        return ctx.load_network({**ctx.client_template(), **state["global"]})
-
     def aggregate(self, state: ServerState, results: list[ClientResult], ctx: ServerContext) -> ServerState:
         g = state["global"]
-        check_uploads(self.rule, results, state["upload_keys"], g)
-        p = client_weights(results, self.weighting)
-        new = dict(g)
-        head = state["head_keys"]
-        if head:
-            new.update(weighted_average([{k: r.weights[k] for k in head} for r in results], p.tolist()))
+        new, p = self._start_round(state, results)
         elements, errors = [], []
         for layer in self._layers(ctx):
             clients = [
@@ -447,7 +415,7 @@ class SORFVeRA(Algorithm):
         return out
 
     def round_metrics(self, state: ServerState) -> dict[str, Any]:
-        metrics = last_correction_metrics(state)
+        metrics = super().round_metrics(state)
         if state.get("refit_error") is not None:
             metrics["sorf_vera/refit_error"] = state["refit_error"]
         return metrics

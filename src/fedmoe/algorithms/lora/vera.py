@@ -202,11 +202,54 @@ def add_to_base(base: torch.Tensor, delta: torch.Tensor, fan_in_fan_out: bool) -
     return (base.to(torch.float64) + update.to(torch.float64)).to(base.dtype)
 
 
-# -- the algorithm --------------------------------------------------------------------------------
+# -- the algorithms -------------------------------------------------------------------------------
+
+
+class VeRAFamily(Algorithm):
+    """What the VeRA-family rules share: their layers found in the client network, one plan for
+    every client (the global vectors, ``state["sent_keys"]`` counted as sent, plus the base
+    corrections the client missed), the federated subset evaluated over the frozen rest, the head
+    FedAvg'd, and the corrections' bytes as round metrics. Subclasses aggregate the vectors."""
+
+    rule: str
+    layer_type: type = VeRALayer
+    layer_label: str = "VeRA"
+    #: How to build a network with this family's layers (the error when there are none).
+    build_hint: str = "build it with a VeRA adapter (peft VeraConfig) whose target_modules match its layers"
+
+    def _layers(self, ctx: ServerContext) -> list:
+        layers = [layer for layer in ctx.adapted_layers() if isinstance(layer, self.layer_type)]
+        if not layers:
+            raise FedMoEError(f"{self.rule}: the client network has no {self.layer_label} layers; {self.build_hint}")
+        return layers
+
+    def configure_client(self, state: ServerState, client_id: int, client_weights: StateDict | None) -> ClientPlan:
+        g = state["global"]
+        sent = num_bytes({k: g[k] for k in state.get("sent_keys", state["upload_keys"])}) + correction_bytes(state, client_id)
+        return ClientPlan(weights=g, upload_keys=frozenset(state["upload_keys"]), wire_bytes=sent)
+
+    def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
+        """The federated subset loaded over the common initial weights (the frozen rest)."""
+        return ctx.load_network({**ctx.client_template(), **state["global"]})
+
+    def _start_round(self, state: ServerState, results: list[ClientResult]) -> tuple[StateDict, torch.Tensor]:
+        """(a copy of the global state with the head FedAvg'd, the client weights p) after checking
+        that every client uploaded exactly what the rule expects."""
+        g = state["global"]
+        check_uploads(self.rule, results, state["upload_keys"], g)
+        p = client_weights(results, self.weighting)
+        new = dict(g)
+        head = state["head_keys"]
+        if head:
+            new.update(weighted_average([{k: r.weights[k] for k in head} for r in results], p.tolist()))
+        return new, p
+
+    def round_metrics(self, state: ServerState) -> dict[str, Any]:
+        return last_correction_metrics(state)
 
 
 @register_rule("fedex_vera")
-class FedExVeRA(Algorithm):
+class FedExVeRA(VeRAFamily):
     """FedEx-VeRA: weighted means of lambda_b and lambda_d, plus the exact residual folded into the base.
 
     Args:
@@ -221,15 +264,6 @@ class FedExVeRA(Algorithm):
         check_weighting(self.rule, weighting)
         self.weighting = weighting
         self.residual_scale = float(residual_scale)
-
-    def _layers(self, ctx: ServerContext) -> list[VeRALayer]:
-        layers = [layer for layer in ctx.adapted_layers() if isinstance(layer, VeRALayer)]
-        if not layers:
-            raise FedMoEError(
-                f"{self.rule}: the client network has no VeRA layers; build it with a VeRA adapter "
-                "(peft VeraConfig) whose target_modules match its layers"
-            )
-        return layers
 
     def init_server(self, template: StateDict, ctx: ServerContext) -> ServerState:
         layers = self._layers(ctx)
@@ -252,23 +286,9 @@ class FedExVeRA(Algorithm):
         init_corrections(state, caps, template[bases[0]].element_size())
         return state
 
-    def configure_client(self, state: ServerState, client_id: int, client_weights: StateDict | None) -> ClientPlan:
-        g = state["global"]
-        sent = num_bytes({k: g[k] for k in state["upload_keys"]}) + correction_bytes(state, client_id)
-        return ClientPlan(weights=g, upload_keys=frozenset(state["upload_keys"]), wire_bytes=sent)
-
-    def server_module(self, state: ServerState, ctx: ServerContext) -> nn.Module:
-        """The federated subset loaded over the common initial weights (the frozen rest)."""
-        return ctx.load_network({**ctx.client_template(), **state["global"]})
-
     def aggregate(self, state: ServerState, results: list[ClientResult], ctx: ServerContext) -> ServerState:
         g = state["global"]
-        check_uploads(self.rule, results, state["upload_keys"], g)
-        p = client_weights(results, self.weighting)
-        new = dict(g)
-        head = state["head_keys"]
-        if head:
-            new.update(weighted_average([{k: r.weights[k] for k in head} for r in results], p.tolist()))
+        new, p = self._start_round(state, results)
         elements = []
         m = len(results)
         for layer in self._layers(ctx):
@@ -290,9 +310,6 @@ class FedExVeRA(Algorithm):
             else:
                 elements.append(0)
         return record_corrections({**state, "global": new}, results, elements)
-
-    def round_metrics(self, state: ServerState) -> dict[str, Any]:
-        return last_correction_metrics(state)
 
 
 def delta_weights(layers: Sequence[VeRALayer], weights: StateDict) -> dict[str, torch.Tensor]:
