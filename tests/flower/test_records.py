@@ -89,3 +89,14 @@ def test_a_plan_object_outside_fedmoe_is_refused_when_loaded():
     data, extra = dump_object({"regularizer": Evil(), "options": {}}, {})
     with pytest.raises(pickle.UnpicklingError, match="may not carry posix.system"):
         load_object(data, {}, extra)
+
+
+def test_hetlora_tail_penalty_travels_with_its_layers():
+    from fedmoe.algorithms.lora.hetlora import TailPenalty
+    from fedmoe.algorithms.lora.layout import LoRALayer
+
+    layers = [LoRALayer("q", "q.base_layer.weight", "q.lora_A.default.weight", "q.lora_B.default.weight", 2.0, False)]
+    plan = ClientPlan(weights=weights(), regularizer=TailPenalty(layers, rank=4, gamma=0.5, lam=0.1))
+    back, _ = content_to_plan(plan_to_content(plan, 0, 1, 0))
+    reg = back.regularizer
+    assert isinstance(reg, TailPenalty) and reg.layers == layers and (reg.rank, reg.gamma, reg.lam) == (4, 0.5, 0.1)
