@@ -37,9 +37,11 @@ import logging
 import os
 import pickle
 import re
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field, replace
+from multiprocessing import util as mp_util
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -220,7 +222,8 @@ class Parallel(Executor):
     def _recover(self, w: "_Worker", tasks: list[ClientTask], positions: list[int], attempts: list[int], out) -> None:
         """Restart a dead worker and resend its unfinished clients. A worker trains its clients in the
         order sent, so the first unfinished one was training when it died: it is rerun once, and is a
-        :class:`ClientFailure` if its worker dies again; the others had not started."""
+        :class:`ClientFailure` if its worker dies again; the others had not started. A worker left
+        with nothing to do is restarted by the next :meth:`run`."""
         code = w.process.exitcode if w.process is not None else None
         pid = w.process.pid if w.process is not None else None
         self.restarts += 1
@@ -234,9 +237,12 @@ class Parallel(Executor):
             positions.pop(0)
         else:
             self.reruns += 1
-        log.warning("worker %d (%s, pid %s) died (exit code %s) while training client %d; restarting it for "
-                    "clients %s", w.index, w.device, pid, code, tasks[running].client_id,
+        log.warning("worker %d (%s, pid %s) died (exit code %s) while training client %d; clients %s go to "
+                    "a new worker", w.index, w.device, pid, code, tasks[running].client_id,
                     [tasks[p].client_id for p in positions])
+        if not positions:  # the next run starts it
+            w.stop()
+            return
         try:
             self._spawn(w)
             self._bind_worker(w)
@@ -543,10 +549,10 @@ def _worker_main(conn, device: str, threads: int) -> None:
         try:
             message = conn.recv()
         except (EOFError, OSError, KeyboardInterrupt):
-            return
+            _exit()
         kind = message[0]
         if kind == "stop":
-            return
+            _exit()
         if kind == "bind":
             _, module_blob, module_packed, data_blob, data_packed, settings = message
             try:
@@ -563,10 +569,24 @@ def _worker_main(conn, device: str, threads: int) -> None:
             _, blob, packed = message
             items = _loads(blob, packed)
             for pos, task in items:
-                outcome = executor.run([task])[0]
+                try:
+                    outcome = executor.run([task])[0]
+                except BaseException:  # SystemExit, KeyboardInterrupt: the worker ends, as in a crash
+                    _exit(1)
                 try:
                     reply = _dumps(outcome)
                 except _Unpicklable as e:
                     reply = _dumps(ClientFailure(task.client_id, f"its result cannot be sent back: {e}"))
                 conn.send(("done", pos, *reply))
             del items
+
+
+def _exit(code: int = 0) -> None:
+    """Leave at once after multiprocessing's own clean-up: the interpreter's normal shutdown (torch's
+    thread pools, static destructors) can take seconds, and a worker has nothing left to save."""
+    with contextlib.suppress(Exception):
+        mp_util._exit_function()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
