@@ -79,3 +79,24 @@ def test_a_node_whose_partition_is_not_a_client_is_refused(fl, tmp_path):
     config = fl.write_config(tmp_path, clients=3, per_round=2, rounds=1)
     with pytest.raises(ConfigError, match=r"node 1007 has partition-id=7, which is not a client of the data \(0\.\.2\)"):
         flower_run(fl, config, partitions=(0, 1, 7))
+
+
+def test_server_and_client_evaluation_match_the_engine_loop(fl, tmp_path):
+    config = fl.write_config(tmp_path, clients=3, per_round=2, rounds=2, eval_every=1, client_eval=True)
+    loop = fl.sequential_run(config)
+    run, grid = flower_run(fl, config)
+    assert sum(m.metadata.message_type == "evaluate" for m in grid.sent) == 4
+    keys = ("server/val_loss", "server/val_acc", "server/test_loss", "server/test_acc",
+            "clients/acc_mean", "clients/acc_min", "clients/acc_max")
+    for ours, engine in zip(run.strategy.history, loop.history, strict=True):
+        assert {k: ours[k] for k in keys} == pytest.approx({k: engine[k] for k in keys}, abs=1e-6)
+
+
+def test_persistent_optimizers_stay_on_the_nodes_and_match_the_engine(fl, tmp_path):
+    config = fl.write_config(tmp_path, clients=2, per_round=2, rounds=3, optimizer="torch.optim.Adam", lr=0.01,
+                             persistent_optimizer=True)
+    loop = fl.sequential_run(config)
+    run, grid = flower_run(fl, config, partitions=(0, 1))
+    assert same_weights(run.strategy.server_weights(), loop.state["global"])
+    assert all("fedmoe-client" in ctx.state for ctx in grid.contexts.values())
+    assert not any("optimizer" in key for m in grid.sent for key in m.content)
