@@ -47,7 +47,8 @@ def _fit(settings: RunnerSettings, optimizer, n: int, regularize: bool = False, 
     module = _module(optimizer)
     anchor = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
     regularizer = ProximalTerm(anchor, mu=0.5) if regularize else None
-    out = LocalRunner(settings).fit(module, _loader(_data(n)), regularizer=regularizer, optimizer_state=state)
+    out = LocalRunner(settings, distribute_fits=True).fit(module, _loader(_data(n)), regularizer=regularizer,
+                                                          optimizer_state=state)
     return module.net.state_dict(), out
 
 
@@ -93,7 +94,7 @@ def test_a_failing_process_is_reported_with_its_rank():
 
     module = FailsOnRankOne("digits_cnn", 4)
     with pytest.raises(RuntimeError, match=r"on 2 devices: rank 1 failed: ValueError: bad batch"):
-        LocalRunner(RunnerSettings(strategy="ddp", devices=2)).fit(module, _loader(_data(40)))
+        LocalRunner(RunnerSettings(strategy="ddp", devices=2), distribute_fits=True).fit(module, _loader(_data(40)))
 
 
 def test_each_process_gets_its_contiguous_share_of_the_batch_and_the_weight_of_its_loss():
@@ -179,6 +180,16 @@ def test_an_executor_that_cannot_train_a_client_on_several_devices_is_refused():
         check_executor_strategy(ddp, Vectorized())
 
 
+def test_server_side_training_stays_in_this_process_on_the_first_device(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("started processes")
+
+    monkeypatch.setattr(multidevice, "fit_on_devices", refuse)
+    out = LocalRunner(RunnerSettings(strategy="ddp", devices=2)).fit(_module(partial(torch.optim.SGD, lr=0.1)),
+                                                                      _loader(_data(40)))
+    assert out.steps == 2
+
+
 def test_a_module_without_batch_tensors_cannot_be_split():
     with pytest.raises(ValueError, match="tensors whose first dimension is the batch size"):
         BatchShare(0, 2)(["a", "b"])
@@ -189,7 +200,7 @@ def test_net_weights_travel_back_into_the_module_used_by_the_executor():
     module = _module(partial(torch.optim.SGD, lr=0.5))
     net = module.net
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    LocalRunner(RunnerSettings(strategy="ddp", devices=2, limit_train_batches=1)).fit(
+    LocalRunner(RunnerSettings(strategy="ddp", devices=2, limit_train_batches=1), distribute_fits=True).fit(
         module, _loader(_data(40)), return_optimizer_state=False)
     assert module.net is net and any(not torch.equal(before[k], v) for k, v in net.state_dict().items())
 

@@ -29,7 +29,7 @@ class Sequential(Executor):
 
     def bind(self, module, datamodule, settings) -> None:
         super().bind(module, datamodule, settings)
-        self.runner = LocalRunner(settings)
+        self.runner = LocalRunner(settings, distribute_fits=True)
 
     def run(self, tasks: list[ClientTask]) -> list[ClientOutcome | ClientFailure]:
         out: list[ClientOutcome | ClientFailure] = []

@@ -4,8 +4,9 @@ Under ``trainer.strategy`` ``ddp`` (or ``fsdp``, ``deepspeed``) with ``trainer.d
 starts n processes, as ``torchrun`` would: each sets ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT``, builds ``Fabric(strategy=..., devices=n)``, which joins the process group (gloo on
 the CPU, NCCL on GPUs) and wraps the module, and runs the same training loop as one device
-(:func:`fedmoe.federation.runner.train_module`). The sampling, aggregation and evaluation of the
-round stay in the calling process; it receives rank 0's weights, optimizer state and loss.
+(:func:`fedmoe.federation.runner.train_module`). The sampling, aggregation, evaluation and
+server-side training of the round stay in the calling process; it receives rank 0's weights,
+optimizer state and loss.
 
 Every process reads the same batches from the client's loader, in the client's (seed, round,
 client id) order, and keeps its own contiguous share of each batch (``B / n`` rows; the first

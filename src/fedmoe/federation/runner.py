@@ -396,12 +396,18 @@ def _precision(value: Any) -> Any:
 
 
 class LocalRunner:
-    """Fits, predicts and evaluates modules on one device with one reusable Fabric; under a
-    multi-device ``trainer.strategy`` each fit runs on all of ``trainer.devices`` instead, while
-    prediction and evaluation stay on the first of them."""
+    """Fits, predicts and evaluates modules on one device with one reusable Fabric.
 
-    def __init__(self, settings: RunnerSettings | None = None) -> None:
+    Args:
+        settings: the ``trainer:`` settings.
+        distribute_fits: under a multi-device ``trainer.strategy``, run each fit on all of
+            ``trainer.devices`` (clients' local training); otherwise, and for prediction and
+            evaluation, the first of them (server-side training stays in this process).
+    """
+
+    def __init__(self, settings: RunnerSettings | None = None, distribute_fits: bool = False) -> None:
         self.settings = settings or RunnerSettings()
+        self.distribute_fits = distribute_fits
         s = self.settings
         s.apply_torch_flags()
         devices = s.devices
@@ -426,13 +432,13 @@ class LocalRunner:
 
         Optimizer state is fresh unless ``optimizer_state`` is given (it is copied, never
         modified); with ``return_optimizer_state`` a copy of the state after training is returned so
-        that a caller can keep it (persistent client optimizers, the server gate). Under a
-        multi-device strategy the fit runs in processes started for it, and ``module`` receives the
-        trained weights (:func:`fedmoe.federation.multidevice.fit_on_devices`).
+        that a caller can keep it (persistent client optimizers, the server gate). With
+        ``distribute_fits`` under a multi-device strategy the fit runs in processes started for it,
+        and ``module`` receives the trained weights (:func:`fedmoe.federation.multidevice.fit_on_devices`).
         """
         s = self.settings
         epochs = s.max_epochs if epochs is None else epochs
-        if s.distributed:
+        if self.distribute_fits and s.distributed:
             from fedmoe.federation.multidevice import fit_on_devices
 
             return fit_on_devices(module, loader, s, epochs, regularizer, optimizer_state, return_optimizer_state)
