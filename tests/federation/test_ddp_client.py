@@ -180,6 +180,22 @@ def test_an_executor_that_cannot_train_a_client_on_several_devices_is_refused():
         check_executor_strategy(ddp, Vectorized())
 
 
+def test_each_process_trains_with_one_torch_thread_and_its_share_of_the_batch():
+    class Recording(Classifier):
+        def __init__(self):
+            super().__init__("digits_cnn", 4, optimizer=partial(torch.optim.SGD, lr=0.1))
+            self.register_buffer("seen", torch.zeros(2, dtype=torch.long))
+
+        def training_step(self, batch, batch_idx):
+            self.seen.copy_(torch.tensor([torch.get_num_threads(), len(batch[1])]))
+            return super().training_step(batch, batch_idx)
+
+    module = Recording()
+    LocalRunner(RunnerSettings(strategy="ddp", devices=2, limit_train_batches=1), distribute_fits=True).fit(
+        module, _loader(_data(40), batch_size=10))
+    assert module.seen.tolist() == [1, 5]  # rank 0's record: 1 thread, 5 of the 10 rows
+
+
 def test_server_side_training_stays_in_this_process_on_the_first_device(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("started processes")

@@ -104,9 +104,16 @@ def fit_on_devices(
         context = mp.get_context(method)
         processes = [context.Process(target=_run_rank, args=(rank, world, port, payload, str(folder)),
                                      name=f"fedmoe-fit-rank{rank}") for rank in range(world)]
-        for p in processes:
-            p.start()
-        _wait(processes, folder)
+        try:
+            for p in processes:
+                p.start()
+            _wait(processes, folder)
+        except BaseException:  # interrupted: no process outlives the fit
+            for p in processes:
+                if p.pid is not None and p.exitcode is None:
+                    p.kill()
+                    p.join()
+            raise
         result = torch.load(folder / "result.pt", weights_only=False)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
