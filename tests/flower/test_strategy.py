@@ -100,3 +100,13 @@ def test_persistent_optimizers_stay_on_the_nodes_and_match_the_engine(fl, tmp_pa
     assert same_weights(run.strategy.server_weights(), loop.state["global"])
     assert all("fedmoe-client" in ctx.state for ctx in grid.contexts.values())
     assert not any("optimizer" in key for m in grid.sent for key in m.content)
+
+
+def test_a_disk_client_store_keeps_each_fedmoe_client_in_one_file_of_the_output_folder(fl, tmp_path):
+    config = fl.write_config(tmp_path, FEDMOE, clients=3, per_round=2, rounds=2, client_store="disk")
+    loop = fl.sequential_run(config)
+    run, _ = flower_run(fl, config)
+    files = sorted(p.name for p in (tmp_path / "flower" / "clients").iterdir())
+    assert len(files) == len(loop.store.weights) and all(f.endswith(".safetensors") for f in files)
+    for cid, weights in loop.store.weights.items():
+        assert same_weights(run.strategy.store.get_weights(cid), weights)

@@ -42,9 +42,10 @@ class ServerRun:
     digest: str
 
 
-def build_strategy(job: FederatedJob) -> AlgorithmStrategy:
+def build_strategy(job: FederatedJob, store_root: Path | None = None) -> AlgorithmStrategy:
     """The strategy of a job, set up as the engine's loop sets itself up (frozen parameters,
-    clients per round within the data's clients)."""
+    clients per round within the data's clients); ``store_root``: the disk store's folder, used when
+    ``federation.client_store`` is ``disk``."""
     fed = job.federation
     if fed.clients_per_round > job.num_clients:
         raise DataError(f"federation.clients_per_round={fed.clients_per_round} exceeds the {job.num_clients} clients of the data")
@@ -57,7 +58,9 @@ def build_strategy(job: FederatedJob) -> AlgorithmStrategy:
             param.requires_grad_(False)
     return AlgorithmStrategy(
         fed.algorithm, ctx, template, job.num_clients, fed.clients_per_round, sampling=fed.sampling, seed=job.seed,
-        min_clients=fed.min_clients, store_dtype=fed.store_dtype, persistent_optimizer=fed.persistent_optimizer,
+        min_clients=fed.min_clients, store_dtype=fed.store_dtype,
+        store_root=store_root if getattr(fed, "client_store", "memory") == "disk" else None,
+        persistent_optimizer=fed.persistent_optimizer,
         evaluate_every=fed.eval_every, evaluate_last=fed.eval_last, client_eval=fed.client_eval, rounds=fed.rounds,
     )
 
@@ -66,12 +69,13 @@ def run_server(
     grid: Grid, job: FederatedJob, output_dir: Path | None = None, connect_timeout: float = 120.0,
     round_timeout: float = 3600.0,
 ) -> ServerRun:
-    """Connect to the nodes, run the rounds, write the outputs."""
-    strategy = build_strategy(job)
+    """Connect to the nodes, run the rounds, write the outputs (a disk client store in ``clients/``
+    of the output folder)."""
+    out = Path(output_dir) if output_dir is not None else job.run_dir / "flower"
+    strategy = build_strategy(job, store_root=out / "clients")
     strategy.connect(grid, timeout=connect_timeout)
     strategy.start(grid, strategy.initial_arrays(), num_rounds=job.federation.rounds, timeout=round_timeout,
                    evaluate_fn=strategy.evaluate_server)
-    out = Path(output_dir) if output_dir is not None else job.run_dir / "flower"
     digest = write_outputs(strategy, out)
     return ServerRun(strategy, job, out, digest)
 

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +47,8 @@ class AlgorithmStrategy(Strategy):
         seed: the run's seed (client sampling; the clients' random numbers).
         min_clients: clients that must survive a round.
         store_dtype: dtype of stored personal weights (None: lossless).
+        store_root: folder of a disk-backed client store (one safetensors file per client, the
+            current round's only; None: in memory), as ``federation.client_store: disk``.
         persistent_optimizer: clients keep their optimizer state between their rounds (on the node).
         evaluate_every: evaluate the server model every this many rounds (None: only the last if
             ``evaluate_last``).
@@ -65,6 +68,7 @@ class AlgorithmStrategy(Strategy):
         seed: int = 0,
         min_clients: int = 1,
         store_dtype: str | None = None,
+        store_root: str | Path | None = None,
         persistent_optimizer: bool = False,
         evaluate_every: int | None = None,
         evaluate_last: bool = True,
@@ -83,7 +87,7 @@ class AlgorithmStrategy(Strategy):
         self.evaluate_last = evaluate_last
         self.client_eval = client_eval
         self.rounds = rounds
-        self.store = ClientStore(store_dtype)
+        self.store = ClientStore(store_dtype, root=store_root)
         self.state: dict[str, Any] = algorithm.init_server(template, ctx)
         self.nodes: dict[int, int] = {}
         """Client id -> the Flower node holding it (filled by :meth:`connect`)."""
@@ -187,7 +191,8 @@ class AlgorithmStrategy(Strategy):
             bytes_down += sum(num_bytes(w) for w in synced.values())
         if self.algo.personalised:
             for cid, w in synced.items():
-                self.store.put_weights(cid, w)
+                self.store.put_weights(cid, w, version=server_round)
+            self.store.commit()
         self._synced = synced
         losses = [r.metrics.get("loss", math.nan) for r in results]
         finite = [x for x in losses if math.isfinite(x)]
