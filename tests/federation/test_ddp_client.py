@@ -206,6 +206,12 @@ def test_server_side_training_stays_in_this_process_on_the_first_device(monkeypa
     assert out.steps == 2
 
 
+def test_persistent_optimizer_state_needs_ddp():
+    runner = LocalRunner(RunnerSettings(strategy="fsdp", devices=2), distribute_fits=True)
+    with pytest.raises(RuntimeError, match=r"trainer.strategy=fsdp does not carry optimizer state .*persistent_optimizer false"):
+        runner.fit(_module(partial(torch.optim.SGD, lr=0.1)), _loader(_data(40)))
+
+
 def test_a_module_without_batch_tensors_cannot_be_split():
     with pytest.raises(ValueError, match="tensors whose first dimension is the batch size"):
         BatchShare(0, 2)(["a", "b"])

@@ -83,7 +83,11 @@ def fit_on_devices(
     trained weights into ``module`` (its state dict, strictly).
 
     Raises RuntimeError naming the process and its error if one fails (the others are stopped).
+    Optimizer state is kept between fits under ``ddp`` only (FSDP shards it, DeepSpeed has its own).
     """
+    if not settings.strategy.startswith("ddp") and (return_optimizer_state or optimizer_state is not None):
+        raise RuntimeError(f"trainer.strategy={settings.strategy} does not carry optimizer state from one local fit "
+                           "to the next: set federation.persistent_optimizer false, or use trainer.strategy ddp")
     data_rng = torch.get_rng_state()
     job = _Job(module, loader, settings, epochs, regularizer, optimizer_state, return_optimizer_state,
                data_rng=data_rng, model_seed=int(torch.randint(0, 2**62, ())))
@@ -196,23 +200,15 @@ def _train_rank(rank: int, world: int, port: int, payload: "_Job | str", folder:
 
 
 def _full_states(fabric: Fabric, trained, with_optimizer: bool) -> tuple[dict, dict | None]:
-    """The whole module's state dict and the optimizer's state, on the CPU, gathered where the
-    strategy shards them (FSDP: every process takes part). DeepSpeed's optimizer state is its own
-    format and is not returned."""
-    strategy = type(fabric.strategy).__name__
-    if strategy.startswith("FSDP"):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
+    """The whole module's state dict (gathered where FSDP shards it: every process takes part) and,
+    under DDP, the optimizer's state, on the CPU."""
+    if type(fabric.strategy).__name__.startswith("FSDP"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        wrapped = trained.model._forward_module
-        weights = get_model_state_dict(wrapped, options=options)
-        state = get_optimizer_state_dict(wrapped, trained.optimizer, options=options) if with_optimizer else None
-        return weights, state
+        return get_model_state_dict(trained.model._forward_module, options=options), None
     weights = {k: v.detach().to("cpu", copy=True) for k, v in trained.model._original_module.state_dict().items()}
-    if not with_optimizer or strategy.startswith("DeepSpeed"):
-        return weights, None
-    return weights, _to_cpu(copy.deepcopy(trained.optimizer.state_dict()))
+    return weights, _to_cpu(copy.deepcopy(trained.optimizer.state_dict())) if with_optimizer else None
 
 
 def _to_cpu(value: Any) -> Any:
