@@ -37,7 +37,7 @@ FINGERPRINT_EXCLUDE = (
     "data.data_dir", "data.init_args.data_dir", "data.eval_batch_size", "data.init_args.eval_batch_size",
     "federation.rounds", "federation.executor", "federation.progress", "federation.eval_every",
     "federation.client_eval", "federation.checkpoint_every", "federation.eval_last", "federation.checkpoint_last",
-    "federation.write_logs",
+    "federation.write_logs", "federation.client_store",
 )
 #: Of those, what only changes training, so that ``validate``/``test`` accept a checkpoint whose values
 #: differ: the local optimiser, batch sizes, the seed and local training, the loop's sampling.
@@ -308,6 +308,7 @@ def _build_cli_class(args: list[str], configs: list[Any]):
                 run_dir=run_dir or self._run_dir(),
                 seed=int(cfg.get("seed_everything")),
                 config=self._math_config(),
+                config_defaults=config_defaults(self._math_config(), {"model": Classifier, "federation": Federation}),
             )
 
         def _config_yaml(self) -> str:
@@ -466,6 +467,45 @@ def _build_cli_class(args: list[str], configs: list[Any]):
             print(f"{split} of {path} (round {loop.round}): {shown}  ({metrics.get('n')} samples)")
 
     return FedMoECLI
+
+
+def config_defaults(flat: dict[str, Any], sections: dict[str, type]) -> dict[str, Any]:
+    """The default of each key of a flat config, where its owner is known: the parameter's default in
+    the signature of the class it configures (``<prefix>.init_args.<name>`` of a ``<prefix>.class_path``,
+    or ``<section>.<name>`` of a fixed section class). A checkpoint written before an option existed
+    then resumes when the option keeps its default (the behaviour the run was trained with)."""
+    import importlib
+    import inspect
+    import json
+
+    out: dict[str, Any] = {}
+    for key in flat:
+        owner, name = None, None
+        prefix, _, rest = key.rpartition(".init_args.")
+        if prefix and "." not in rest and isinstance(flat.get(f"{prefix}.class_path"), str):
+            module_name, _, cls_name = flat[f"{prefix}.class_path"].rpartition(".")
+            try:
+                owner = getattr(importlib.import_module(module_name), cls_name)
+            except (ImportError, AttributeError, ValueError):
+                continue
+            name = rest
+        else:
+            section, _, rest = key.partition(".")
+            if section in sections and rest and "." not in rest:
+                owner, name = sections[section], rest
+        if owner is None:
+            continue
+        try:
+            param = inspect.signature(owner).parameters.get(name)
+        except (TypeError, ValueError):
+            continue
+        if param is None or param.default is inspect.Parameter.empty:
+            continue
+        try:
+            out[key] = json.loads(json.dumps(param.default))
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _eval_keys(flat: dict[str, Any], algorithm: type) -> dict[str, Any]:

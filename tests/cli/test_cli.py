@@ -138,6 +138,24 @@ def test_checkpoint_from_another_config_is_refused_naming_the_key(full2, capsys)
     assert snapshot(full2) == before
 
 
+def test_a_checkpoint_written_before_an_option_existed_resumes_while_it_keeps_its_default(tmp_path, capsys):
+    from fedmoe.federation.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    assert fit(run, "--federation.rounds", "1") == 0
+    path = run / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint(path)
+    added = ["federation.algorithm.init_args.noisy_gate", "model.label_smoothing"]
+    assert all(k in ckpt["config"] for k in added)
+    for key in added:  # as if written before these options existed
+        del ckpt["config"][key]
+    ckpt.pop("format_version")
+    save_checkpoint(path, ckpt)
+    assert fit(run, "--federation.rounds", "2", "--ckpt_path", "last", "--model.label_smoothing", "0.1") == 2
+    assert "model.label_smoothing ('<unset>' -> 0.1)" in one_error_line(capsys)
+    assert fit(run, "--federation.rounds", "2", "--ckpt_path", "last") == 0
+
+
 def test_new_run_in_a_folder_holding_a_run_is_refused(full2, capsys):
     before = snapshot(full2)
     assert fit(full2, "--federation.rounds", "1") == 2

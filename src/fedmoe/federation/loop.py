@@ -128,6 +128,8 @@ class FederatedLoop:
         run_dir: folder of the run (events, metrics.csv, checkpoints).
         seed: the run's seed (client sampling).
         config: flattened config values that define the math, for the checkpoint fingerprint.
+        config_defaults: the default of each such key where known: a key that a checkpoint lacks
+            (an option added since it was written) counts as holding its default.
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class FederatedLoop:
         run_dir: str | Path = "runs/default",
         seed: int = 0,
         config: dict[str, Any] | None = None,
+        config_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.fed = federation
         self.algo = federation.algorithm
@@ -148,6 +151,7 @@ class FederatedLoop:
         self.run_dir = Path(run_dir)
         self.seed = seed
         self.config = dict(config or {})
+        self.config_defaults = dict(config_defaults or {})
         self.template: StateDict = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
         self.store = ClientStore(federation.store_dtype,
                                  root=self.run_dir / "clients" if federation.client_store == "disk" else None)
@@ -215,7 +219,8 @@ class FederatedLoop:
         """
         ckpt = ckpt_io.load_checkpoint(path)
         pick = compare or (lambda flat: flat)
-        saved, current = pick(ckpt["config"]), pick(self.config)
+        known = {k: v for k, v in self.config_defaults.items() if k not in ckpt["config"]}
+        saved, current = pick({**known, **ckpt["config"]}), pick(self.config)
         if check_config and saved != current:
             keys = ckpt_io.diff_keys(saved, current)
             shown = ", ".join(f"{k} ({ckpt['config'].get(k, '<unset>')!r} -> {self.config.get(k, '<unset>')!r})" for k in keys[:6])
