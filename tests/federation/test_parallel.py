@@ -25,7 +25,7 @@ from fedmoe.data.digits import DigitsDataModule
 from fedmoe.errors import ConfigError
 from fedmoe.executors import ClientFailure, ClientTask, Sequential, build_executor
 from fedmoe.executors.base import ClientOutcome
-from fedmoe.executors.parallel import Parallel, parse_devices
+from fedmoe.executors.parallel import Parallel, _loads, _Packer, parse_devices
 from fedmoe.federation.loop import FederatedLoop, Federation
 from fedmoe.federation.runner import RunnerSettings
 from fedmoe.models.classifier import Classifier
@@ -70,6 +70,7 @@ def test_fedavg_rounds_on_two_cpu_workers_equal_sequential_bit_for_bit(pool, tmp
     _assert_equal_states(seq.state["global"], par.state["global"])
     assert [r["clients/train_loss"] for r in seq.history] == [r["clients/train_loss"] for r in par.history]
     assert all(r["clients/ok"] == 4 for r in par.history)
+    assert [w.threads for w in pool._workers] == [1, 1]
 
 
 def test_fedprox_with_persistent_adam_states_equals_sequential_bit_for_bit(pool, tmp_path):
@@ -120,9 +121,24 @@ def test_a_worker_killed_mid_round_is_restarted_and_its_clients_rerun(pool):
     killer.join()
     assert pool.restarts == restarts + 1 and pool.reruns >= 1
     assert victim not in pool.pids and len(pool.pids) == 2
+    assert all(v.is_shared() for o in outcomes for v in o.result.weights.values())  # views of shared buffers
     sequential = Sequential()
     sequential.bind(module, dm, settings)
     _assert_same_outcomes(sequential.run(tasks), outcomes)
+
+
+def test_a_weights_dict_shared_by_clients_is_packed_once_into_shared_buffers():
+    module = _module()
+    tasks = _tasks(module, range(3))
+    packer = _Packer()
+    blobs = [packer.dumps([(0, t)]) for t in tasks]
+    packed = packer.pack()
+    assert len(packer.tensors) == len(tasks[0].plan.weights)
+    assert set(packed.buffers) == {"float32"} and all(b.is_shared() for b in packed.buffers.values())
+    first, second = (_loads(b, packed)[0][1].plan.weights for b in blobs[:2])
+    _assert_equal_states(tasks[0].plan.weights, first)
+    key = next(iter(first))
+    assert first[key].data_ptr() == second[key].data_ptr() and first[key].data_ptr() % 64 == 0
 
 
 def test_unpicklable_models_are_refused_at_bind():

@@ -283,7 +283,7 @@ class Parallel(Executor):
                 except (EOFError, OSError):
                     reply = None
                 if reply is not None and reply[0] == "ready":
-                    w.generation = self._generation
+                    w.generation, w.threads = self._generation, reply[1]
                     return
                 if reply is not None and reply[0] == "error":
                     w.stop()
@@ -308,6 +308,8 @@ class _Worker:
     """The bind generation whose module and data the worker holds (-1: none)."""
     received: int = 0
     """Clients received back from it in the current round."""
+    threads: int = 0
+    """Torch threads the worker reported when it was last bound."""
 
     def alive(self) -> bool:
         return self.process is not None and self.process.is_alive()
@@ -564,7 +566,7 @@ def _worker_main(conn, device: str, threads: int) -> None:
                 executor = None
                 conn.send(("error", f"{type(e).__name__}: {e}"))
                 continue
-            conn.send(("ready",))
+            conn.send(("ready", torch.get_num_threads()))
         elif kind == "train":
             _, blob, packed = message
             items = _loads(blob, packed)
