@@ -45,8 +45,6 @@ from torch import nn
 from fedmoe.errors import ConfigError
 from fedmoe.federation.runner import FitOutput, Regularizer, RunnerSettings, cpu_cores, train_module
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class _Job:
