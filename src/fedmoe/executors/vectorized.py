@@ -184,9 +184,9 @@ class Vectorized(Executor):
             fixed = {key: v[rows] for key, v in fixed_batched.items()}
             if compute == "vmap":
                 grads, (_, loss) = batched_fn(params, fixed, shared, x, y, w)
-            else:  # one client (rows is i:i+1), with plain autograd on its own copy of the weights (no
-                # functorch levels to pay for; on the CPU, convolutions ran slower on views of the stack)
-                leaves = {key: v[0].detach().clone().requires_grad_() for key, v in params.items()}
+            else:  # one client (rows is i:i+1), plain autograd on leaves that view its rows of the stack
+                # (no functorch levels to pay for, no copy: the optimizer writes the rows after the backward)
+                leaves = {key: v[0].detach().requires_grad_() for key, v in params.items()}
                 loss, _ = client_loss(leaves, {key: v[0] for key, v in fixed.items()}, shared, x[0], y[0], w[0])
                 grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
                 grads = {key: g.unsqueeze(0) for key, g in grads.items()}
