@@ -146,7 +146,10 @@ def _build_cli_class(args: list[str], configs: list[Any]):
 
         Args:
             accelerator: ``cpu``, ``gpu`` (``cuda``), ``mps`` or ``auto``.
-            devices: one device per client: 1, or ``[k]`` for device k.
+            devices: one device per client: 1, or ``[k]`` for device k; with a multi-device ``strategy``, the
+                devices of each client's training: a number of CPU processes, or GPU ids such as ``[0, 1]``.
+            strategy: ``auto``: each client on one device; ``ddp``, ``fsdp`` or ``deepspeed`` (Lightning's
+                strategies): each client's local training on all of ``devices``, its batches split across them.
             precision: Lightning's precision names (``32-true``, ``bf16-mixed``, ``16-mixed``, ...).
             max_epochs: local epochs per round.
             max_steps: at most this many optimiser steps per local fit (-1: no limit).
@@ -170,6 +173,7 @@ def _build_cli_class(args: list[str], configs: list[Any]):
             *,
             accelerator: str = "cpu",
             devices: int | str | list[int] = 1,
+            strategy: str = "auto",
             precision: int | str | None = None,
             max_epochs: int = 1,
             max_steps: int = -1,

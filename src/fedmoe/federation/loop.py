@@ -24,7 +24,7 @@ from fedmoe.executors.base import ClientFailure, ClientTask, Executor
 from fedmoe.federation import checkpoint as ckpt_io
 from fedmoe.federation.context import EngineContext
 from fedmoe.federation.recorder import RoundRecorder
-from fedmoe.federation.runner import RunnerSettings
+from fedmoe.federation.runner import RunnerSettings, check_executor_strategy
 from fedmoe.federation.sampling import ClientSampler
 from fedmoe.federation.store import ClientStore
 from fedmoe.validation import check_choice, check_int
@@ -191,6 +191,7 @@ class FederatedLoop:
         for name, param in self.module.net.named_parameters():
             if name in frozen:
                 param.requires_grad_(False)
+        check_executor_strategy(self.settings, self.fed.executor)
         self.fed.executor.bind(self.module, self.datamodule, self.settings)
         self.fed.executor.check(self.algo)
         self._ready = True
