@@ -98,6 +98,10 @@ def parse_devices(devices: Any) -> list[str]:
 class Parallel(Executor):
     """Trains a round's clients on persistent worker processes, one per device.
 
+    The workers start with the first round (or :meth:`start`), so that round's time includes their
+    start-up (seconds: an interpreter, torch and Lightning per worker); ``validate`` and ``test``,
+    which bind but run no round, start none.
+
     Args:
         devices: ``cpu:N`` (N worker processes on the CPU, one torch thread each; N at most the
             number of cores) or a list of GPU ids (``[0, 1]``: one worker per GPU).
