@@ -119,18 +119,3 @@ class _Helpers:
 def fl() -> type[_Helpers]:
     """The helpers above (a test module cannot import this conftest by name)."""
     return _Helpers
-
-
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: minutes, not seconds (a real Flower deployment); run with -m slow")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Slow tests of this folder run only when ``-m`` names them (``-m slow``)."""
-    if "slow" in (config.getoption("markexpr") or ""):
-        return
-    here = Path(__file__).parent
-    skip = pytest.mark.skip(reason="slow: run with -m slow")
-    for item in items:
-        if "slow" in item.keywords and here in Path(item.path).parents:
-            item.add_marker(skip)
