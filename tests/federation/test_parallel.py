@@ -6,7 +6,6 @@ Spawning a worker costs an interpreter start plus torch and Lightning imports (s
 share one 2-worker pool (``pool``) and rebind it to each test's module and data."""
 
 import functools
-import gc
 import multiprocessing
 import os
 import signal
@@ -187,19 +186,26 @@ federation:
     return path
 
 
-def test_cli_runs_the_parallel_executor_from_yaml_on_daemonic_workers(tmp_path, pool, capsys):
+def test_cli_runs_the_parallel_executor_from_yaml_and_stops_its_workers_when_the_rounds_end(tmp_path, pool, capsys,
+                                                                                             monkeypatch):
+    started = []
+    real_start = Parallel.start
+
+    def start(self):
+        real_start(self)
+        started.extend((p.pid, p.daemon) for p in multiprocessing.active_children() if p.name.startswith("fedmoe-parallel"))
+
+    monkeypatch.setattr(Parallel, "start", start)
     before = {p.pid for p in multiprocessing.active_children()}
     assert main(["fit", "--config", str(_config(tmp_path, "cpu:1"))]) == 0
     assert "FedAvg: 2 rounds" in capsys.readouterr().out
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
-    started = [p for p in multiprocessing.active_children() if p.pid not in before]
-    assert [p.name for p in started] == ["fedmoe-parallel-0"] and started[0].daemon  # it cannot outlive this process
-    pid = started[0].pid
-    gc.collect()
-    for executor in [o for o in gc.get_objects() if isinstance(o, Parallel) and o is not pool]:
-        executor.close()
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    mine = {pid: daemon for pid, daemon in started if pid not in before}
+    assert len(mine) == 1 and all(mine.values())  # one daemonic worker: it cannot outlive this process
+    assert not [p for p in multiprocessing.active_children() if p.pid in mine]
+    for pid in mine:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_cli_refuses_bad_devices_with_one_line(tmp_path, capsys):

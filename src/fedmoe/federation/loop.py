@@ -323,6 +323,7 @@ class FederatedLoop:
             bar.close()
             if recorder is not None:
                 recorder.close()
+            self.fed.executor.close()  # worker processes stop with the rounds (a later fit starts them again)
         return {**self.summary(self.elapsed), "sessions": self.sessions,
                 "new_rounds": self.round - session["first_round"] + 1}
 
