@@ -210,7 +210,7 @@ class TextDataModule(FederatedDataModule, metaclass=ABCMeta):
 
     #: The class count of the data set (the head's outputs).
     classes: int = 2
-    #: What a ``partition: natural`` groups by (its column), and the partitions a subclass offers.
+    #: The values of ``data.partition`` a subclass offers (its own groups through :meth:`natural_parts`).
     partitions: tuple[str, ...] = ("majority", "dirichlet", "iid")
 
     def __init__(
