@@ -194,7 +194,9 @@ def _train_rank(rank: int, world: int, port: int, payload: "_Job | str", folder:
         torch.save(result, folder / "result.pt.tmp")
         os.replace(folder / "result.pt.tmp", folder / "result.pt")
     fabric.barrier()
-    torch.distributed.destroy_process_group()
+    # leave now: tearing down DDP's reducer joins gloo's threads, which can wait forever on a peer
+    # that has already exited; the result is written and every rank has passed the barrier
+    os._exit(0)
 
 
 def _full_states(fabric: Fabric, trained, with_optimizer: bool) -> tuple[dict, dict | None]:
