@@ -22,22 +22,23 @@ ALGORITHM1 = {
     "server_schedule": "every_iteration", "train_experts_on_server": False, "train_noise": True,
     "gate_lr": 1e-4, "alpha_lr": 1e-3, "server_weight_decay": 5e-4, "server_eps": 1e-6,
     "server_lr_schedule": "constant", "stage_c": "paper", "client_update": "moving", "common_init": True,
-    "keep_best_iteration": True,
+    "keep_best_iteration": True, "server_optimizer": "adam", "server_momentum": 0.0,
 }
 """Algorithm 1 as written: the same options for every data set (the class defaults)."""
 
 FEMNIST_SETTINGS = {"iterations": 1, "alpha_init": 0.5, "w_ent": 0.1, "w_aux": 1.0, "label_smoothing": 0.0}
 CIFAR_SETTINGS = {"iterations": 5, "alpha_init": 0.9, "w_ent": 1e-3, "w_aux": 0.1, "label_smoothing": 0.1}
 
+FOLDER_BASE = {k: v for k, v in ALGORITHM1.items() if k != "server_momentum"}  # Adam: no momentum option
 FEMNIST_FOLDER = {
-    **ALGORITHM1, **FEMNIST_SETTINGS,
+    **FOLDER_BASE, **FEMNIST_SETTINGS,
     "gate_value": "code", "load": "code", "entropy_mode": "code", "relevance_gate": "gates",
     "expert_update": "replace", "main_update": "mean", "server_schedule": "pretrain_only",
     "gate_lr": 3e-5, "alpha_lr": 3e-5, "server_weight_decay": 0.0, "server_eps": 1e-8,
     "stage_c": "code", "client_update": "replace", "common_init": False, "keep_best_iteration": False,
 }
 CIFAR_FOLDER = {
-    **ALGORITHM1, **CIFAR_SETTINGS,
+    **FOLDER_BASE, **CIFAR_SETTINGS,
     "gate_value": "code", "load": "code", "entropy_mode": "code", "confidence": "logit", "relevance_gate": "gates",
     "main_update": "mean", "main_epochs": 20, "main_lr": 1e-4, "server_epochs": 5,
     "train_experts_on_server": True, "expert_lr": 1e-4, "main_server_lr": 5e-5, "train_noise": False,

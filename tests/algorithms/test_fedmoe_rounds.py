@@ -527,3 +527,33 @@ def test_server_val_metrics_are_those_of_the_returned_model():
     assert cached.keys() == again.keys()
     for key in again:
         assert cached[key] == pytest.approx(again[key], abs=1e-6), key
+
+
+def test_server_sgd_with_momentum_over_the_same_groups_and_rates():
+    ctx = make_context()
+    algo = FedMoE(num_routed=K, num_main=1, server_optimizer="sgd", server_momentum=0.9, gate_lr=5e-3,
+                  alpha_lr=1e-5, server_weight_decay=0.0, train_experts_on_server=True, expert_lr=5e-4)
+    opt = algo._build(ctx).configure_optimizers()
+    assert type(opt) is torch.optim.SGD
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["gate"]["lr"] == 5e-3 and groups["experts"]["lr"] == 5e-4
+    assert all(g["momentum"] == 0.9 and "eps" not in g for g in opt.param_groups)
+    assert type(FedMoE(num_routed=K)._build(ctx).configure_optimizers()) is torch.optim.Adam
+
+
+def test_gate_network_kwargs_build_a_gate_smaller_than_the_experts():
+    from torch import nn
+
+    from fedmoe.models.networks import NETWORKS, register_network
+
+    if "test_sized_gate" not in NETWORKS:
+        @register_network("test_sized_gate")
+        class SizedGate(nn.Sequential):
+            def __init__(self, num_classes: int, hidden: int = 6) -> None:
+                super().__init__(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    ctx = make_context()
+    moe = FedMoE(num_routed=K, gate_network="test_sized_gate", gate_network_kwargs={"hidden": 3})._build(ctx).moe
+    assert moe.gate[0].out_features == 3 and moe.noise[0].out_features == 3 and moe.gate[2].out_features == K
+    with pytest.raises(Exception, match="gate_network_kwargs must be a mapping"):
+        FedMoE(num_routed=K, gate_network_kwargs=[3])

@@ -38,12 +38,12 @@ COMMON_CODE = {
 SENT140_FOLDER = {
     **COMMON_CODE, "num_routed": 3, "num_main": 0, "w_ent": 0.1, "server_epochs": 2,
     "server_schedule": "every_iteration", "train_experts_on_server": True, "expert_lr": 5e-4, "train_noise": False,
-    "gate_lr": 5e-3, "client_update": "replace",
+    "gate_lr": 5e-3, "client_update": "replace", "server_optimizer": "sgd", "server_momentum": 0.9,
 }
 YELP_FOLDER = {
     **COMMON_CODE, "num_routed": 3, "num_main": 1, "w_ent": 1e-3, "server_epochs": 1,
     "server_schedule": "pretrain_only", "train_experts_on_server": False, "train_noise": True, "gate_lr": 3e-6,
-    "client_update": "moving",
+    "client_update": "moving", "server_optimizer": "sgd", "server_momentum": 0.0,
 }
 ALGORITHM1 = {
     "top_k": 1, "lam": 0.1, "iterations": 1, "gate_value": "probability", "alpha_init": 0.5, "alpha_clamp": False,
@@ -53,7 +53,7 @@ ALGORITHM1 = {
     "server_schedule": "every_iteration", "train_experts_on_server": False, "train_noise": True, "gate_lr": 1e-4,
     "alpha_lr": 1e-3, "server_weight_decay": 5e-4, "server_eps": 1e-6, "server_lr_schedule": "constant",
     "stage_c": "paper", "client_update": "moving", "common_init": True, "keep_best_iteration": True,
-    "random_routing": 0.0,
+    "random_routing": 0.0, "server_optimizer": "adam", "server_momentum": 0.0,
 }
 FOLDER_FEDERATION = {"sampling": "uniform", "persistent_optimizer": True}
 PRESETS = {

@@ -84,6 +84,8 @@ class FedMoE(Algorithm):
         alpha_init: initial alpha; alpha_clamp: clamp alpha to [0, 1].
         noisy_gate: add the learned gate noise G_n while training.
         gate_network: architecture of G and G_n (default: the client architecture, K-way head).
+        gate_network_kwargs: keyword arguments of ``gate_network`` (e.g. a smaller backbone for a
+            text gate than the experts', as the Yelp folder's GPT-2 small gate beside GPT-2 medium).
         w_ent, w_aux, label_smoothing, load, entropy_mode: the server loss (DESIGN.md §2).
         confidence: ``probability`` | ``logit`` (CIFAR code).
         relevance_gate: ``soft`` (gate probabilities) | ``onehot`` (top-1 one-hot) | ``gates`` (the
@@ -102,8 +104,10 @@ class FedMoE(Algorithm):
             ``expert_lr`` and the main expert(s) at ``main_server_lr``.
         train_noise: whether the server step trains the noise net G_n (the CIFAR code leaves it out
             of its optimizer).
-        gate_lr, alpha_lr, server_weight_decay, server_eps: the server optimizer (Adam). As in the
+        gate_lr, alpha_lr, server_weight_decay, server_eps: the server optimizer's groups. As in the
             code, alpha and the main experts get no weight decay and Adam's default eps.
+        server_optimizer, server_momentum: ``adam`` (the vision folders) or ``sgd`` with this momentum
+            (the text folders: Sent140 momentum 0.9, Yelp none) over the same groups.
         server_lr_schedule, server_lr_period, server_lr_gamma: the server learning rates over the
             run's server steps (fits): ``constant``; ``cosine`` (CosineAnnealingLR with T_max =
             period, the CIFAR code: 100 rounds x T = 5); ``step`` (times gamma every period fits).
@@ -129,7 +133,8 @@ class FedMoE(Algorithm):
         "main_update", "main_epochs", "main_lr", "server_epochs", "server_schedule", "train_experts_on_server",
         "expert_lr", "main_server_lr", "train_noise", "gate_lr", "alpha_lr", "server_weight_decay", "server_eps",
         "server_lr_schedule", "server_lr_period", "server_lr_gamma", "stage_c", "client_update", "common_init",
-        "keep_best_iteration", "random_routing", "random_routing_min", "random_routing_steps",
+        "keep_best_iteration", "random_routing", "random_routing_min", "random_routing_steps", "server_optimizer",
+        "server_momentum",
     )
 
     def __init__(
@@ -144,6 +149,7 @@ class FedMoE(Algorithm):
         alpha_clamp: bool = False,
         noisy_gate: bool = True,
         gate_network: str | None = None,
+        gate_network_kwargs: dict | None = None,
         w_ent: float = 0.1,
         w_aux: float = 1.0,
         label_smoothing: float = 0.0,
@@ -167,6 +173,8 @@ class FedMoE(Algorithm):
         alpha_lr: float = 1e-3,
         server_weight_decay: float = 5e-4,
         server_eps: float = 1e-6,
+        server_optimizer: Literal["adam", "sgd"] = "adam",
+        server_momentum: float = 0.0,
         server_lr_schedule: Literal["constant", "cosine", "step"] = "constant",
         server_lr_period: int = 1,
         server_lr_gamma: float = 0.1,
@@ -191,7 +199,7 @@ class FedMoE(Algorithm):
         def gate_net() -> nn.Module:
             if self.gate_network is None:
                 return ctx.build_network(self.num_routed)
-            return build_network(self.gate_network, self.num_routed)
+            return build_network(self.gate_network, self.num_routed, **(self.gate_network_kwargs or {}))
 
         exploring = {}
         if self.random_routing > 0:
@@ -219,6 +227,8 @@ class FedMoE(Algorithm):
             alpha_lr=self.alpha_lr,
             weight_decay=self.server_weight_decay,
             eps=self.server_eps,
+            optimizer=self.server_optimizer,
+            momentum=self.server_momentum,
             train_experts=self.train_experts_on_server,
             expert_lr=self.expert_lr,
             main_lr=self.main_server_lr,
@@ -490,6 +500,7 @@ _CHOICES = {
     "server_schedule": ("every_iteration", "pretrain_only"),
     "stage_c": ("paper", "code"),
     "client_update": ("moving", "replace"),
+    "server_optimizer": ("adam", "sgd"),
 }
 
 
@@ -510,6 +521,9 @@ def _check_options(o: dict[str, Any]) -> None:
     for name in ("w_ent", "w_aux", "gate_lr", "alpha_lr", "main_lr", "expert_lr", "main_server_lr", "server_weight_decay"):
         check_float(_KEY + name, o[name], 0.0)
     check_float(_KEY + "server_eps", o["server_eps"], 0.0, low_open=True)
+    check_float(_KEY + "server_momentum", o["server_momentum"], 0.0, 1.0, high_open=True)
+    if o["gate_network_kwargs"] is not None and not isinstance(o["gate_network_kwargs"], dict):
+        raise ConfigError(f"{_KEY}gate_network_kwargs must be a mapping of keyword arguments, got {o['gate_network_kwargs']!r}")
     check_float(_KEY + "random_routing", o["random_routing"], 0.0, 1.0)
     check_float(_KEY + "random_routing_min", o["random_routing_min"], 0.0, 1.0)
     check_int(_KEY + "random_routing_steps", o["random_routing_steps"], 1)

@@ -45,6 +45,8 @@ class ServerMoEModule(L.LightningModule):
         train_noise: bool = True,
         no_decay: Sequence[str] = (),
         eps_groups: Sequence[str] | None = None,
+        optimizer: str = "adam",
+        momentum: float = 0.0,
     ) -> None:
         super().__init__()
         self.moe = moe
@@ -64,6 +66,8 @@ class ServerMoEModule(L.LightningModule):
         self.train_noise = train_noise
         self.no_decay = tuple(no_decay)
         self.eps_groups = None if eps_groups is None else tuple(eps_groups)
+        self.optimizer = optimizer
+        self.momentum = momentum
         self.lr_scale = 1.0
         if not train_experts:
             moe.experts.requires_grad_(False)
@@ -107,9 +111,10 @@ class ServerMoEModule(L.LightningModule):
         return {name: lr * self.lr_scale for name, lr in rates.items()}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over named groups: gate (G, and G_n unless ``train_noise`` is false), alpha; experts
-        and mains if ``train_experts``. Groups named in ``no_decay`` get no weight decay; only those
-        in ``eps_groups`` (default: all) get ``eps``, the rest Adam's default 1e-8."""
+        """Adam (or SGD with ``momentum``, ``optimizer="sgd"``) over named groups: gate (G, and G_n
+        unless ``train_noise`` is false), alpha; experts and mains if ``train_experts``. Groups named
+        in ``no_decay`` get no weight decay; with Adam only those in ``eps_groups`` (default: all) get
+        ``eps``, the rest Adam's default 1e-8."""
         gate_params = list(self.moe.gate.parameters())
         if self.moe.noise is not None and self.train_noise:
             gate_params += list(self.moe.noise.parameters())
@@ -121,13 +126,13 @@ class ServerMoEModule(L.LightningModule):
             trainable = [p for p in params[name] if p.requires_grad]
             if not trainable:
                 continue
-            groups.append({
-                "name": name,
-                "params": trainable,
-                "lr": lr,
-                "weight_decay": 0.0 if name in self.no_decay else self.weight_decay,
-                "eps": self.eps if self.eps_groups is None or name in self.eps_groups else 1e-8,
-            })
+            group = {"name": name, "params": trainable, "lr": lr,
+                     "weight_decay": 0.0 if name in self.no_decay else self.weight_decay}
+            if self.optimizer == "adam":
+                group["eps"] = self.eps if self.eps_groups is None or name in self.eps_groups else 1e-8
+            groups.append(group)
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=groups[0]["lr"] if groups else 0.0, momentum=self.momentum)
         return torch.optim.Adam(groups)
 
 
