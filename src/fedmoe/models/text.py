@@ -18,7 +18,7 @@ from torch import nn
 
 from fedmoe.algorithms.lora.layout import LoRALayer, VeRALayer
 from fedmoe.errors import DataError, FedMoEError
-from fedmoe.models.local import resolve_local_dir
+from fedmoe.models.local import quiet_transformers, resolve_local_dir
 from fedmoe.models.lora import HEAD_MODULES, AdapterSpec, adapted_layers, apply_adapter
 from fedmoe.models.networks import register_network
 
@@ -173,7 +173,7 @@ def _from_pretrained(folder: str, num_classes: int, dtype: torch.dtype | None) -
     if not (path / "config.json").is_file():
         raise DataError(f"model folder {path} holds no config.json; it must be a save_pretrained folder")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 str(path), num_labels=num_classes, local_files_only=True, dtype=dtype, output_loading_info=True
             )
@@ -187,22 +187,6 @@ def _from_pretrained(folder: str, num_classes: int, dtype: torch.dtype | None) -
     if missing:
         log.warning("model folder %s lacks %d weights (initialised at random), e.g. %s", path, len(missing), missing[:3])
     return model
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' loading report and progress bar (its expected news: a new head)."""
-    from transformers.utils import logging as hf_logging
-
-    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bar:
-            hf_logging.enable_progress_bar()
 
 
 def _from_config(config: dict[str, Any], num_classes: int, dtype: torch.dtype | None) -> nn.Module:

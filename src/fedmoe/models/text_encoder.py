@@ -14,17 +14,16 @@ trains and travels (as in the released code); ``freeze_backbone`` trains the hea
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from fedmoe.errors import DataError, FedMoEError
-from fedmoe.models.local import resolve_local_dir
+from fedmoe.models.local import quiet_transformers, resolve_local_dir
 from fedmoe.models.networks import register_network
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -148,7 +147,7 @@ def _from_pretrained(spec: str, dtype: torch.dtype | None) -> nn.Module:
     if not (path / "config.json").is_file():
         raise DataError(f"model folder {path} holds no config.json; it must be a save_pretrained folder")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:
         raise DataError(f"cannot load a text backbone from {path}: {_first_line(err)}") from err
@@ -166,22 +165,6 @@ def _from_config(config: dict[str, Any], dtype: torch.dtype | None) -> nn.Module
         raise FedMoEError(
             f"model.network_kwargs.config: cannot build a {model_type!r} backbone: {_first_line(err)}"
         ) from err
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' loading report (a base model loaded without its pretraining heads)."""
-    from transformers.utils import logging as hf_logging
-
-    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bar:
-            hf_logging.enable_progress_bar()
 
 
 def _first_line(err: BaseException) -> str:
