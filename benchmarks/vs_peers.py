@@ -23,9 +23,11 @@ Sides:
                   initial weights, ``--threads`` torch threads. Its local training is the same
                   arithmetic; its aggregation is not (it averages differences n_c * (w_c - w) / n,
                   then adds them), so its weights differ from ours in the last bits: the summary
-                  gives the largest difference. pfl also evaluates every user before and after
-                  local training in its first central iteration (``iteration %
-                  evaluation_frequency == 0`` holds at 0; there is no switch), which is in its time
+                  gives the largest difference. Left alone, pfl evaluates every user before and
+                  after local training in its first central iteration (``iteration %
+                  evaluation_frequency == 0`` holds at 0, whatever the frequency); the job evaluates
+                  nothing, so its central contexts are passed on with ``do_evaluation`` off
+                  (``--pfl-first-eval`` keeps pfl's default)
   flower-default  flwr.simulation.run_simulation with Flower's default backend (2 CPUs per actor)
                   and torch's default threads in the actors
   flower-1thread  1 CPU per actor (one actor per core) and one torch thread each
@@ -122,9 +124,12 @@ def bare_fedavg(job) -> dict:
     return weights
 
 
-def pfl_fedavg(job, modules) -> dict:
+def pfl_fedavg(job, modules, first_eval: bool = False) -> dict:
     """The job in pfl-research: each client's data is the batches our loader yields it in that round
-    (pfl iterates a user's tensors in order), so that the local training matches ours."""
+    (pfl iterates a user's tensors in order), so that the local training matches ours. Without
+    ``first_eval`` no central iteration evaluates its users (pfl's first one does by default)."""
+    import dataclasses
+
     import torch
     import torch.nn.functional as F
 
@@ -153,6 +158,15 @@ def pfl_fedavg(job, modules) -> dict:
             return {"loss": metrics.Weighted(F.cross_entropy(logits, y, reduction="sum").item(), len(y)),
                     "accuracy": metrics.Weighted((logits.argmax(1) == y).sum().item(), len(y))}
 
+    class FedAvg(algorithm_mod.FederatedAveraging):
+        """pfl's FedAvg; unless ``first_eval``, its central contexts ask no user evaluation."""
+
+        def get_next_central_contexts(self, *args, **kwargs):
+            contexts, model, out = super().get_next_central_contexts(*args, **kwargs)
+            if contexts is not None and not first_eval:
+                contexts = tuple(dataclasses.replace(c, do_evaluation=False) for c in contexts)
+            return contexts, model, out
+
     rounds_seen: dict[int, int] = {}
 
     def make_dataset(user_id: int):
@@ -167,7 +181,7 @@ def pfl_fedavg(job, modules) -> dict:
     net = Net(job.module.net)
     model = pytorch.PyTorchModel(model=net, local_optimizer_create=torch.optim.SGD,
                                  central_optimizer=torch.optim.SGD(net.parameters(), lr=1.0))
-    algorithm_mod.FederatedAveraging().run(
+    FedAvg().run(
         algorithm_params=algorithm_mod.NNAlgorithmParams(central_num_iterations=fed.rounds,
                                                          evaluation_frequency=fed.rounds,
                                                          train_cohort_size=fed.clients_per_round,
@@ -180,7 +194,7 @@ def pfl_fedavg(job, modules) -> dict:
     return {k: v.detach().clone() for k, v in net.net.state_dict().items()}
 
 
-def run_side(side: str, config: str, threads: int, weights_out: str | None = None) -> dict:
+def run_side(side: str, config: str, threads: int, weights_out: str | None = None, pfl_first_eval: bool = False) -> dict:
     """One side in this process (called in a fresh process by :func:`main`)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     import torch
@@ -207,7 +221,7 @@ def run_side(side: str, config: str, threads: int, weights_out: str | None = Non
         modules = (pfl.algorithm, pfl.aggregate.simulate, pfl.aggregate.weighting, pfl.data.federated_dataset,
                    pfl.data.dataset, pfl.data.sampling, pfl.hyperparam, pfl.model.pytorch, pfl.metrics)
         t0 = time.perf_counter()
-        weights = pfl_fedavg(build_job(config), modules)
+        weights = pfl_fedavg(build_job(config), modules, pfl_first_eval)
         seconds = time.perf_counter() - t0
     elif side == "bare":
         t0 = time.perf_counter()
@@ -267,12 +281,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the bare, ours and pfl sides")
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    p.add_argument("--pfl-first-eval", action="store_true",
+                   help="let pfl evaluate every user before and after training in its first central iteration "
+                        "(its default; the job itself evaluates nothing)")
     p.add_argument("--side", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--weights-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.side:
-        print(json.dumps(run_side(args.side, args.config, args.threads, args.weights_out)))
+        print(json.dumps(run_side(args.side, args.config, args.threads, args.weights_out, args.pfl_first_eval)))
         return
     import torch
 
@@ -286,7 +303,7 @@ def main() -> None:
         for r in range(args.repeats):
             for side in args.sides:
                 cmd = [sys.executable, __file__, "--side", side, "--config", str(config), "--threads", str(args.threads),
-                       "--weights-out", str(Path(tmp) / f"{side}.pt")]
+                       "--weights-out", str(Path(tmp) / f"{side}.pt")] + (["--pfl-first-eval"] * args.pfl_first_eval)
                 env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
