@@ -185,3 +185,10 @@ def test_is_mixable_only_for_floating_and_complex():
     assert is_mixable(torch.zeros(1, dtype=torch.complex64))
     assert not is_mixable(torch.zeros(1, dtype=torch.int64))
     assert not is_mixable(torch.zeros(1, dtype=torch.bool))
+
+
+def test_all_finite_is_not_fooled_by_an_overflowing_sum_of_finite_values():
+    big = torch.full((4,), 3.0e38)  # finite float32 values whose float32 sum overflows
+    assert not bool(torch.isfinite(big.sum()))
+    assert all_finite({"w": big, "h": torch.full((8,), 6.0e4, dtype=torch.float16)})
+    assert not all_finite({"w": torch.cat([big, torch.tensor([float("inf")])])})

@@ -83,11 +83,15 @@ def num_bytes(state: Mapping[str, torch.Tensor]) -> int:
 def all_finite(state: Mapping[str, torch.Tensor]) -> bool:
     """Whether every floating tensor of a state dict is finite.
 
-    A float64 sum is non-finite exactly when some element is (float32 values cannot overflow it),
-    and costs one pass without allocating a mask.
+    A sum in the tensor's own dtype is finite only if every element is (an infinity or NaN
+    propagates), so a finite one settles it in one fast pass; a non-finite one may be an overflow of
+    large finite values, and is settled by a float64 sum, non-finite exactly when some element is
+    (float32 values cannot overflow it). Neither allocates a mask.
     """
-    return all(
-        bool(torch.isfinite(t.sum(dtype=torch.complex128 if t.is_complex() else torch.float64)))
-        for t in state.values()
-        if is_mixable(t) and t.numel()
-    )
+    return all(_finite(t) for t in state.values() if is_mixable(t) and t.numel())
+
+
+def _finite(t: torch.Tensor) -> bool:
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t.sum(dtype=torch.complex128 if t.is_complex() else torch.float64)))
