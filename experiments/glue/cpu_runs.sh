@@ -36,7 +36,7 @@ rte() { run "$OUT/rte_iid/$1" "$1" --data.init_args.task rte --data.init_args.ma
           --data.init_args.max_train_samples 400 --data.init_args.max_eval_samples 200; }
 
 # in order of priority: every rule on SST-2 IID, the LoRA rules on SST-2 Dirichlet(0.5), the rank
-# sweep, three RTE runs, the VeRA rules at lr 1e-2, then the VeRA rules on Dirichlet
+# sweep, three RTE runs, the VeRA rules at lr 1e-2, then the VeRA rules on Dirichlet (lr 1e-2)
 for rule in fedit fedex ffa fedsa flora hetlora centralized fedex_vera sorf_vera; do throttle; sst2 iid $rule & done
 for rule in fedit fedex ffa fedsa flora hetlora; do throttle; sst2 dirichlet $rule & done
 for r in 16 64; do throttle; rank $r & done
@@ -44,5 +44,8 @@ for rule in fedit fedex centralized; do throttle; rte $rule & done
 for rule in fedex_vera sorf_vera; do  # the VeRA rules at a VeRA learning rate
   throttle; run "$OUT/sst2_iid/${rule}_lr1e-2" $rule --data.init_args.partition iid --model.optimizer.init_args.lr 0.01 &
 done
-for rule in fedex_vera sorf_vera; do throttle; sst2 dirichlet $rule & done
+for rule in fedex_vera sorf_vera; do  # and on the Dirichlet split
+  throttle; run "$OUT/sst2_dirichlet/${rule}_lr1e-2" $rule --data.init_args.partition dirichlet \
+    --model.optimizer.init_args.lr 0.01 &
+done
 wait
