@@ -38,18 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from procstatus import status  # benchmarks/procstatus.py (this script's folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "experiments" / "femnist" / "fedmoe.yaml"
 SERVER_WRITERS, PROBE_WRITERS = 2, 1
-
-
-def status(key: str) -> int:
-    """A /proc/self/status figure in bytes (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def write_femnist(folder: Path, writers: int, train: int, test: int, seed: int = 0) -> None:

@@ -30,6 +30,8 @@ import platform
 import subprocess
 import sys
 
+from procstatus import status  # benchmarks/procstatus.py (this script's folder)
+
 EXPERTS = [f"expert{i}" for i in range(8)]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SHAPES = {  # Qwen2-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads, vocabulary 151936)
@@ -37,15 +39,6 @@ SHAPES = {  # Qwen2-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads, vocabular
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
                        max_position_embeddings=4096),
 }
-
-
-def status(key: str) -> int:
-    """A /proc/self/status figure in bytes (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def child(args: argparse.Namespace) -> dict:

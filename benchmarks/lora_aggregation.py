@@ -46,6 +46,7 @@ import torch
 from fedmoe.algorithms.lora import fedex_aggregate, fedit_aggregate
 from fedmoe.algorithms.lora.common import residual_factors
 from fedmoe.algorithms.lora.layout import LoRALayer
+from procstatus import status  # benchmarks/procstatus.py (this script's folder)
 
 HIDDEN, KV = 896, 128
 PROJECTIONS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN), "o_proj": (HIDDEN, HIDDEN)}
@@ -102,14 +103,6 @@ def on_device(built, device: torch.device):
     return records, move(state), [move(u) for u in uploads], samples
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
     """(seconds, peak bytes above those held before the call: resident set on the CPU, torch's
     allocator on CUDA)."""
@@ -127,11 +120,11 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]
         return seconds, peak
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status("VmRSS")
+    before = status("VmRSS")
     t0 = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t0
-    peak = _status("VmHWM") - before
+    peak = status("VmHWM") - before
     del out
     return seconds, peak
 
