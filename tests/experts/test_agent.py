@@ -1,7 +1,8 @@
 """The inference agent on a tiny Qwen2: serving adapters equal each expert's forward (correction
-included), a mixed batch (one generate call, one adapter per row) equals each prompt generated
-alone with its expert, exact weighted merges, refresh on new versions, reads that do not wait on
-other experts' updates and never block pushes, the gate hook, the reference's sample tasks."""
+included), a mixed batch (one generate call, one adapter per row, gathered or through PEFT's
+adapter_names) equals each prompt generated alone with its expert, exact weighted merges, refresh on
+new versions, reads that do not wait on other experts' updates and never block pushes, the gate
+hook, the reference's sample tasks."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 
 from fedmoe.errors import ConfigError, DataError
 from fedmoe.experts import ExpertCoordinator, Update
-from fedmoe.experts.agent import SEED_TASKS, SERVE_SUFFIX, InferenceAgent, run_sample_tasks
+from fedmoe.experts.agent import SEED_TASKS, SERVE_SUFFIX, InferenceAgent, run_sample_tasks, serving_factors
 from fedmoe.experts.routers import REFERENCE_TABLE, KeywordRouter
 from fedmoe.models.causal import ExpertModel, build_causal_lm, tiny_causal_config
+from fedmoe.models.mixed_lora import lora_layers
 from wordlevel import word_tokenizer as _word_tokenizer
 
 PEFT = peft.__version__  # imported at collection: its import is not a test's time
@@ -94,9 +96,21 @@ def test_serving_adapter_equals_the_experts_forward_with_its_correction():
         assert torch.allclose(delta, model.effective_delta("sql", layer.name), atol=1e-6)
 
 
-def test_mixed_batch_matches_each_prompt_generated_alone_with_its_expert():
+def test_reading_the_models_experts_equals_the_serving_factors_of_their_state_and_correction():
     model = experts_model()
     agent = agent_for(model)
+    for e in EXPERTS:
+        version, factors = agent.read(e)
+        want = serving_factors(model.adapted_layers(e), model.expert_state(e), model.correction_factors(e))
+        assert version is None and list(factors) == list(want)
+        for name, (b, a) in want.items():
+            assert torch.equal(factors[name][0], b) and torch.equal(factors[name][1], a)
+
+
+@pytest.mark.parametrize("dispatch", ["gathered", "peft"])
+def test_mixed_batch_matches_each_prompt_generated_alone_with_its_expert(dispatch):
+    model = experts_model()
+    agent = agent_for(model, dispatch=dispatch)
     answers = agent.generate(PROMPTS[:3], max_new_tokens=6, min_new_tokens=6)
     assert [a.experts for a in answers] == [("python",), ("sql",), ("docs",)]
     for prompt, ans in zip(PROMPTS, answers):
@@ -113,19 +127,23 @@ def test_mixed_batch_matches_each_prompt_generated_alone_with_its_expert():
         assert torch.allclose(mixed[i, ids.shape[1] - len(row):], own, atol=1e-5)
 
 
-def test_mixed_batch_is_one_generate_call_with_one_adapter_per_row(monkeypatch):
+@pytest.mark.parametrize("dispatch", ["gathered", "peft"])
+def test_mixed_batch_is_one_generate_call_with_one_adapter_per_row(monkeypatch, dispatch):
     model = experts_model()
-    agent = agent_for(model)
+    agent = agent_for(model, dispatch=dispatch)
     calls = []
     real = model.peft.generate
+    layers = lora_layers(model.peft)
 
     def spy(*args, **kwargs):
-        calls.append(kwargs["adapter_names"])
+        calls.append((kwargs.get("adapter_names"), all("forward" in vars(m) for m in layers.values())))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(model.peft, "generate", spy)
     answers = agent.generate(PROMPTS, max_new_tokens=3)
-    assert calls == [["python__serve", "sql__serve", "docs__serve", "sql__serve", "docs__serve"]]
+    rows = ["python__serve", "sql__serve", "docs__serve", "sql__serve", "docs__serve"]
+    assert calls == ([(None, True)] if dispatch == "gathered" else [(rows, False)])
+    assert not any("forward" in vars(m) for m in layers.values())  # the gathered forwards are removed after
     assert [p.experts for p in answers[3].parts] == [("sql",), ("docs",)]  # a multi-expert route: one row per expert
     assert answers[3].route.weights == (0.5, 0.5)
 
@@ -177,6 +195,35 @@ def test_merge_is_the_exact_weighted_sum_of_the_experts_deltas():
         theirs = model.peft(input_ids=ids, adapter_names=["pefts_cat"]).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert [p.adapter for p in answers[0].parts] == ["python__serve"]  # a single-expert route: its serving adapter
+
+
+def test_gathered_and_peft_dispatch_give_the_same_tokens_with_merged_and_serving_adapters_mixed():
+    model = experts_model()
+    prompts = ["explain the query", "write a python function", "select rows from table"]
+    gathered = agent_for(model, "merge").generate(prompts, max_new_tokens=5, min_new_tokens=5)
+    theirs = agent_for(model, "merge", dispatch="peft").generate(prompts, max_new_tokens=5, min_new_tokens=5)
+    assert [p.adapter.startswith("merged") for a in gathered for p in a.parts] == [True, False, False]
+    assert [p.tokens for a in gathered for p in a.parts] == [p.tokens for a in theirs for p in a.parts]
+
+
+def test_gathered_generation_that_raises_leaves_the_models_forwards_and_adapters_as_they_were(monkeypatch):
+    model = experts_model()
+    agent = agent_for(model)
+    model.activate("docs")
+    before = list(model.peft.base_model.active_adapters)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generate failed")
+
+    monkeypatch.setattr(model.peft, "generate", broken)
+    with pytest.raises(RuntimeError, match="generate failed"):
+        agent.generate(PROMPTS[:2], max_new_tokens=2)
+    assert not any("forward" in vars(m) for m in lora_layers(model.peft).values())
+    assert list(model.peft.base_model.active_adapters) == before
+    monkeypatch.undo()
+    ids = torch.tensor([[7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expert_logits(model, "docs", ids))
 
 
 def test_merged_adapters_beyond_the_cache_are_deleted_after_use():
@@ -331,3 +378,5 @@ def test_agent_refuses_a_router_expert_the_model_lacks_and_bad_modes():
         agent_for(model, "stitch")
     with pytest.raises(ConfigError, match="needs a gate object"):
         agent_for(model, "gate")
+    with pytest.raises(ConfigError, match="agent dispatch 'bgmv' is unknown; use one of gathered, peft"):
+        agent_for(model, dispatch="bgmv")

@@ -14,9 +14,9 @@ never trained, and leave the expert's own adapters untouched.
 Combine modes (``combine``):
 
 - ``batch``: every (prompt, routed expert) pair is one row, and all rows of all prompts are
-  generated in ONE ``generate`` call with ``adapter_names`` (one forward per token for the whole
-  batch, each row its own expert). A prompt routed to several experts gets one answer part per
-  expert (the reference simulation stitched the experts' parts the same way).
+  generated in ONE ``generate`` call (one forward per token for the whole batch, each row its own
+  expert's serving adapter). A prompt routed to several experts gets one answer part per expert
+  (the reference simulation stitched the experts' parts the same way).
 - ``merge``: one row per prompt; a multi-expert route is served by a merged adapter, the exact
   weighted sum of the experts' deltas sum_e w_e B'_e A'_e as one concatenated adapter
   [w_1 B'_1, w_2 B'_2, ...] [A'_1; A'_2; ...] (what PEFT's ``add_weighted_adapter(combination_type=
@@ -27,12 +27,24 @@ Combine modes (``combine``):
   experts' current snapshots into the model, the agent calls ``gate.generate(input_ids=...,
   attention_mask=..., **generate_kwargs)`` on the left-padded batch, one row per prompt.
 
+Dispatch of a batch whose rows use different adapters (``dispatch``):
+
+- ``gathered`` (default): :func:`fedmoe.models.mixed_lora.gathered_adapters`, each row's adapter
+  factors stacked once per ``generate`` call and applied in every LoRA layer as two batched matmuls
+  (Punica/S-LoRA's BGMV), whatever the number of adapters;
+- ``peft``: PEFT's ``adapter_names`` (one adapter per row), which loops over the batch's adapters in
+  every layer: about six small ops per adapter per layer per token (the mixed 4-row decoding step of
+  SmolLM2-135M costs 1.3x the gathered one on one CPU thread; benchmarks/mixed_batch.py).
+
+A batch whose rows all use one adapter activates it alone instead (no per-row dispatch).
+
 Reading experts. With a coordinator, each routed expert is read through
 :meth:`~fedmoe.experts.coordinator.ExpertCoordinator.snapshot` (``copy=False``): its per-expert
 lock is held only to take references to the immutable tensors, so training pushes of other
 experts never wait on inference, and a push of the same expert waits for those few microseconds
 only; generation itself holds no coordinator lock. Without a coordinator the model's own expert
-adapters are served (re-read on every call). The agent mutates its model's PEFT modules (it adds
+adapters are served: re-read from their PEFT modules on every call (the modules of each expert's
+layers are looked up once) and written into the serving adapters. The agent mutates its model's PEFT modules (it adds
 serving adapters): give it a model no worker trains concurrently, e.g.
 :func:`fedmoe.experts.workers.replicate` of the training model (shares the frozen base).
 """
@@ -50,8 +62,11 @@ import torch
 
 from fedmoe.errors import ConfigError, DataError
 from fedmoe.experts.routers import Route, Router
+from fedmoe.models.causal import correction_name
+from fedmoe.models.mixed_lora import gathered_adapters
 
 COMBINES = ("batch", "merge", "gate")
+DISPATCHES = ("gathered", "peft")
 SERVE_SUFFIX = "__serve"
 MERGE_PREFIX = "merged"
 
@@ -149,6 +164,8 @@ class InferenceAgent:
         gate: the per-token gate (:class:`TokenGate`), required by ``combine="gate"``.
         max_new_tokens: default number of generated tokens.
         max_merges: merged adapters kept (least recently used ones are deleted).
+        dispatch: how a batch mixing adapters is served: ``gathered`` (row-gathered batched
+            matmuls, :mod:`fedmoe.models.mixed_lora`) or ``peft`` (PEFT's ``adapter_names``).
     """
 
     def __init__(
@@ -161,9 +178,12 @@ class InferenceAgent:
         gate: TokenGate | None = None,
         max_new_tokens: int = 32,
         max_merges: int = 8,
+        dispatch: str = "gathered",
     ) -> None:
         if combine not in COMBINES:
             raise ConfigError(f"agent combine mode {combine!r} is unknown; use one of {', '.join(COMBINES)}")
+        if dispatch not in DISPATCHES:
+            raise ConfigError(f"agent dispatch {dispatch!r} is unknown; use one of {', '.join(DISPATCHES)}")
         if combine == "gate" and not callable(getattr(gate, "generate", None)):
             raise ConfigError("agent combine mode 'gate' needs a gate object with a generate(input_ids, attention_mask, ...) method")
         unknown = [e for e in router.experts if e not in model.experts]
@@ -174,7 +194,7 @@ class InferenceAgent:
         if int(max_new_tokens) < 1 or int(max_merges) < 1:
             raise ConfigError("agent max_new_tokens and max_merges must be positive integers")
         self.model, self.tokenizer, self.router = model, tokenizer, router
-        self.coordinator, self.combine, self.gate = coordinator, combine, gate
+        self.coordinator, self.combine, self.gate, self.dispatch = coordinator, combine, gate, dispatch
         self.max_new_tokens, self.max_merges = int(max_new_tokens), int(max_merges)
         self._lock = threading.Lock()
         self._ranks: dict[str, int] = {}
@@ -182,6 +202,7 @@ class InferenceAgent:
         self._factors: dict[str, tuple[int | None, Factors]] = {}
         self._merges: OrderedDict[tuple, tuple[str, tuple]] = OrderedDict()
         self._loaded: dict[str, int] = {}
+        self._modules: dict[str, list[tuple[str, torch.nn.Module]]] = {}
         self._next_merge = 0
 
     # -- reading experts ------------------------------------------------------------------------
@@ -197,8 +218,27 @@ class InferenceAgent:
             result = (snap.version, serving_factors(snap.layers, snap.adapter, snap.correction))
             self._factors[expert] = result
             return result
-        m = self.model
-        return None, serving_factors(m.adapted_layers(expert), m.expert_state(expert), m.correction_factors(expert))
+        return None, self._model_factors(expert)
+
+    def _model_factors(self, expert: str) -> Factors:
+        """The serving factors of the model's own adapters ``expert`` and its correction, read from
+        their PEFT modules (what :func:`serving_factors` gives from the expert's state and
+        correction, without collecting them through the model's state dict)."""
+        modules = self._modules.get(expert)
+        if modules is None:
+            peft = self.model.peft
+            modules = [(x.name, peft.get_submodule(x.name)) for x in self.model.adapted_layers(expert)]
+            self._modules[expert] = modules
+        corr = correction_name(expert)
+        out: Factors = {}
+        with torch.no_grad():
+            for name, m in modules:
+                a, b = m.lora_A[expert].weight.float(), m.lora_B[expert].weight.float() * m.scaling[expert]
+                if corr in m.lora_A:
+                    a = torch.cat([a, m.lora_A[corr].weight.float()])
+                    b = torch.cat([b, m.lora_B[corr].weight.float() * m.scaling[corr]], dim=1)
+                out[name] = (b, a)
+        return out
 
     def _install(self, name: str, factors: Factors) -> None:
         """Write ``factors`` into adapter ``name`` (created, or re-created larger, as needed)."""
@@ -213,15 +253,18 @@ class InferenceAgent:
             peft.add_adapter(name, cfg)
             self.model.activate(self.model.active)  # adding re-enables gradients of active adapters
             self._ranks[name] = need
-        modules = dict(peft.named_modules())
         with torch.no_grad():
             for layer, (b, a) in factors.items():
-                module = modules[layer]
+                module = peft.get_submodule(layer)
                 wa, wb = module.lora_A[name].weight, module.lora_B[name].weight
-                wa.zero_()
-                wb.zero_()
-                wa[: a.shape[0]] = a.to(wa.dtype)
-                wb[:, : b.shape[1]] = b.to(wb.dtype)
+                if wa.shape == a.shape:
+                    wa.copy_(a)
+                    wb.copy_(b)
+                else:
+                    wa.zero_()
+                    wb.zero_()
+                    wa[: a.shape[0]] = a.to(wa.dtype)
+                    wb[:, : b.shape[1]] = b.to(wb.dtype)
                 module.scaling[name] = 1.0
 
     def serve(self, experts: Sequence[str]) -> dict[str, tuple[str, int | None, Factors]]:
@@ -313,6 +356,9 @@ class InferenceAgent:
                 out = self.gate.generate(input_ids=ids, attention_mask=mask, **settings)
             elif len(set(adapter_names)) == 1:  # one adapter for every row: no per-row dispatch hooks
                 with self._only(adapter_names[0]):
+                    out = self.model.peft.generate(input_ids=ids, attention_mask=mask, **settings)
+            elif self.dispatch == "gathered":
+                with gathered_adapters(self.model.peft, list(adapter_names)):
                     out = self.model.peft.generate(input_ids=ids, attention_mask=mask, **settings)
             else:
                 out = self.model.peft.generate(input_ids=ids, attention_mask=mask, adapter_names=list(adapter_names),
