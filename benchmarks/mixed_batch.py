@@ -5,9 +5,12 @@ at random so the experts differ, plus a random rank-4 correction each), greedy d
 ``--tokens`` new tokens per prompt (``min_new_tokens`` = ``max_new_tokens``):
 
 * batched: :class:`fedmoe.experts.agent.InferenceAgent` in ``batch`` mode: the four prompts
-  left-padded into one batch and generated in ONE ``generate`` call with PEFT's ``adapter_names``,
-  each row its expert's serving adapter [s B, U][A; V] (without a coordinator the agent re-reads
-  the model's experts and rewrites the serving adapters on every call: counted in its time);
+  left-padded into one batch and generated in ONE ``generate`` call, each row its expert's serving
+  adapter [s B, U][A; V], dispatched per row by the row-gathered LoRA forward
+  (:mod:`fedmoe.models.mixed_lora`, ``--dispatch gathered``, the default) or by PEFT's
+  ``adapter_names`` (``--dispatch peft``); without a coordinator the agent re-reads the model's
+  experts and rewrites the serving adapters on every call, and stacks the rows' factors once per
+  call: counted in its time;
 * sequential: per prompt, its expert activated (its LoRA and its correction) and the prompt
   generated alone.
 
@@ -17,6 +20,7 @@ ratio batched / sequential (target >= 2), by the wall clock and by the process's
 thread: the CPU time is what the work costs when other processes share the cores).
 
     OMP_NUM_THREADS=1 python benchmarks/mixed_batch.py [--model runs/models/smollm2-135m] [--tokens 32] [--repeats 3]
+        [--dispatch gathered|peft] [--breakdown]
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ if importlib.util.find_spec("fedmoe") is None:
 
 import torch
 
-from fedmoe.experts.agent import InferenceAgent
+from fedmoe.experts.agent import DISPATCHES, InferenceAgent
 from fedmoe.experts.routers import KeywordRouter
 from fedmoe.models.causal import ExpertModel, load_causal
+from fedmoe.models.mixed_lora import gathered_adapters, stack_rows
 
 EXPERTS = ("python", "sql", "docs", "shell")
 PROMPTS = (
@@ -76,7 +81,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true",
                         help="also time one decoding step (KV cache of the prompts) of: 1 row with its expert, "
-                             "4 rows mixed, 4 rows with one adapter, 4 rows of the base")
+                             "4 rows mixed (gathered and adapter_names), 4 rows with one adapter, 4 rows of the base; "
+                             "and the agent's per-call costs")
+    parser.add_argument("--dispatch", choices=DISPATCHES, default="gathered",
+                        help="how the batched side serves its mixed rows (gathered: row-gathered LoRA; peft: adapter_names)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (both sides use the same)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,7 +92,8 @@ def main() -> None:
     # no coordinator: the agent re-reads the model's experts (LoRA + correction) and rewrites their
     # serving adapters on every call, a cost counted in the batched time
     agent = InferenceAgent(model, tok, KeywordRouter.from_dict(TABLE, experts=EXPERTS), None, "batch",
-                           max_new_tokens=args.tokens)
+                           max_new_tokens=args.tokens, dispatch=args.dispatch)
+    print(f"batched side: dispatch {args.dispatch}; threads {args.threads}; {args.tokens} tokens per prompt", flush=True)
     routes = agent.router.route(list(PROMPTS))
     assert [r.top for r in routes] == list(EXPERTS), routes
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -160,15 +169,31 @@ def breakdown(model: ExpertModel, agent: InferenceAgent, reps: int = 5) -> None:
             best = min(best, time.process_time() - cpu)
         return best * 1000
 
+    def gathered():
+        with gathered_adapters(model.peft, serving):
+            return step(ids, mask)
+
     cases = [
         ("1 row, its expert active", lambda: step(one, torch.ones_like(one))),
         ("4 rows, 4 experts (adapter_names)", lambda: step(ids, mask, adapter_names=serving)),
+        ("4 rows, 4 experts (gathered)", gathered),
         ("4 rows, one expert active", lambda: step(ids, mask)),
     ]
     for label, fn in cases:
         print(f"decoding step, {label}: {fn():.1f} ms CPU", flush=True)
     with model.peft.disable_adapter():
         print(f"decoding step, 4 rows, base only: {step(ids, mask):.1f} ms CPU", flush=True)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps):
+            cpu = time.process_time()
+            fn()
+            times.append(time.process_time() - cpu)
+        return min(times) * 1000
+
+    print(f"per call: serving adapters re-read and rewritten (4 experts) {best(lambda: agent.serve(EXPERTS)):.1f} ms CPU, "
+          f"rows' factors stacked {best(lambda: stack_rows(model.peft, serving)):.1f} ms CPU", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -236,7 +236,8 @@ class InferenceAgent:
                 a, b = m.lora_A[expert].weight.float(), m.lora_B[expert].weight.float() * m.scaling[expert]
                 if corr in m.lora_A:
                     a = torch.cat([a, m.lora_A[corr].weight.float()])
-                    b = torch.cat([b, m.lora_B[corr].weight.float() * m.scaling[corr]], dim=1)
+                    u = m.lora_B[corr].weight.float()
+                    b = torch.cat([b, u if m.scaling[corr] == 1 else u * m.scaling[corr]], dim=1)
                 out[name] = (b, a)
         return out
 

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedmoe.errors import ConfigError, DataError
@@ -82,8 +83,10 @@ def stack_rows(peft_model: nn.Module, adapter_per_row: Sequence[RowAdapters]) ->
     folded into B, zero-padded to the largest rank r; None for a layer none of the rows' adapters
     adapts. A row's adapter missing from a layer contributes nothing there (as in PEFT), a row
     :data:`BASE` nowhere; a name missing from every layer is refused."""
-    rows = _row_names(adapter_per_row)
-    layers = lora_layers(peft_model)
+    return _stack(lora_layers(peft_model), _row_names(adapter_per_row))
+
+
+def _stack(layers: dict[str, nn.Module], rows: list[tuple[str, ...]]) -> Stacks:
     wanted = list(dict.fromkeys(a for r in rows for a in r))
     known = {a for m in layers.values() for a in m.lora_A}
     unknown = [a for a in wanted if a not in known and a != BASE]
@@ -99,26 +102,29 @@ def stack_rows(peft_model: nn.Module, adapter_per_row: Sequence[RowAdapters]) ->
                 out[name] = None
                 continue
             _check_layer(name, module, present)
-            per_key: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor] | None] = {}
-            for key in dict.fromkeys(rows):
-                names = [a for a in key if a in module.lora_A]
-                per_key[key] = (
-                    (torch.cat([module.lora_A[a].weight for a in names]),
-                     torch.cat([module.lora_B[a].weight * module.scaling[a] for a in names], dim=1))
-                    if names else None
-                )
-            weight = module.lora_A[present[0]].weight
-            d_out = module.lora_B[present[0]].weight.shape[0]
+            per_key = {key: _factors(module, key) for key in dict.fromkeys(rows)}
             rank = max(f[0].shape[0] for f in per_key.values() if f is not None)
-            a_rows = weight.new_zeros(len(rows), weight.shape[1], rank)
-            b_rows = weight.new_zeros(len(rows), rank, d_out)
-            for i, key in enumerate(rows):
-                f = per_key[key]
-                if f is not None:
-                    a_rows[i, :, : f[0].shape[0]] = f[0].t()
-                    b_rows[i, : f[1].shape[1]] = f[1].t()
+            for key, f in per_key.items():
+                if f is None:
+                    w = module.lora_A[present[0]].weight
+                    per_key[key] = (w.new_zeros(rank, w.shape[1]), w.new_zeros(module.lora_B[present[0]].weight.shape[0], rank))
+                elif f[0].shape[0] < rank:
+                    per_key[key] = (F.pad(f[0], (0, 0, 0, rank - f[0].shape[0])), F.pad(f[1], (0, rank - f[1].shape[1])))
+            a_rows = torch.stack([per_key[key][0] for key in rows]).transpose(1, 2).contiguous()
+            b_rows = torch.stack([per_key[key][1] for key in rows]).transpose(1, 2).contiguous()
             out[name] = (a_rows, b_rows)
     return out
+
+
+def _factors(module: nn.Module, names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(A, s B) of the adapters ``names`` of one layer, concatenated along the rank (their deltas
+    add); None when none of them adapts the layer."""
+    names = [a for a in names if a in module.lora_A]
+    if not names:
+        return None
+    a = [module.lora_A[n].weight for n in names]
+    b = [module.lora_B[n].weight if module.scaling[n] == 1 else module.lora_B[n].weight * module.scaling[n] for n in names]
+    return (a[0], b[0]) if len(names) == 1 else (torch.cat(a), torch.cat(b, dim=1))
 
 
 def _gathered_forward(name: str, module: nn.Module, stacks: tuple[torch.Tensor, torch.Tensor] | None, rows: int,
@@ -162,8 +168,8 @@ def gathered_adapters(peft_model: nn.Module, adapter_per_row: Sequence[RowAdapte
     (:func:`stack_rows`). A forward whose batch size is not ``len(adapter_per_row)`` raises
     :class:`~fedmoe.errors.DataError`."""
     rows = _row_names(adapter_per_row)
-    stacks = stack_rows(peft_model, rows)
     layers = lora_layers(peft_model)
+    stacks = _stack(layers, rows)
     wanted = list(dict.fromkeys(a for r in rows for a in r))
     saved = {n: vars(m).get("forward") for n, m in layers.items()}
     try:
