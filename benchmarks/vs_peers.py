@@ -200,7 +200,7 @@ def run_side(side: str, config: str, threads: int, weights_out: str | None = Non
     import torch
 
     from fedmoe.federation.loop import FederatedLoop
-    from fedmoe.flower.job import build_job
+    from fedmoe.federation.job import build_job
     from fedmoe.flower.simulation import backend_config, simulate
     from fedmoe.flower.strategy import weights_digest
 
@@ -256,7 +256,7 @@ def test_metrics(config: Path, weights: dict) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
 
-    from fedmoe.flower.job import build_job
+    from fedmoe.federation.job import build_job
 
     job = build_job(config)
     net = job.module.net

@@ -121,7 +121,11 @@ def _wants_help(args: list[str]) -> bool:
     return any(a in ("-h", "--help") or a.split("=")[0].endswith(".help") for a in args)
 
 
-def _build_cli_class(args: list[str], configs: list[Any]):
+def build_cli_class(args: list[str], configs: list[Any]):
+    """The ``LightningCLI`` subclass of the project for these arguments and the config files they name
+    (:func:`check_config_files`): ``fit``, ``validate``, ``test`` and the federated sections
+    (``federation:``, the local ``trainer:``). :func:`fedmoe.federation.job.build_job` builds a job
+    from it without running anything."""
     import lightning.pytorch as pl
     from jsonargparse import ArgumentParser
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -132,7 +136,7 @@ def _build_cli_class(args: list[str], configs: list[Any]):
     from fedmoe.data.federated import FederatedDataModule
     from fedmoe.federation import checkpoint as ckpt_io
     from fedmoe.federation.loop import Federation, FederatedLoop
-    from fedmoe.federation.runner import RunnerSettings, _unpack_optimizers
+    from fedmoe.federation.runner import RunnerSettings
     from fedmoe.models.classifier import Classifier
 
     epilog = builtins_epilog() if _wants_help(args) else None
@@ -346,39 +350,6 @@ def _build_cli_class(args: list[str], configs: list[Any]):
                 raise CheckpointError(f"--ckpt_path {ckpt_path}: no such checkpoint file; use {RESUME_CHOICES}")
             return path
 
-        def _check_optimizer(self, model) -> None:
-            """Build the local optimiser once, so that a bad learning rate fails now, not in round 1."""
-            try:
-                optimizer = _unpack_optimizers(model.configure_optimizers())[0]
-            except (ValueError, TypeError) as e:
-                raise ConfigError(f"model.optimizer: {e}") from None
-            for group in optimizer.param_groups:
-                lr = group.get("lr")
-                if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr >= 0):
-                    raise ConfigError(f"model.optimizer.init_args.lr={lr} is out of range: must be a finite number >= 0")
-
-        def _check_data(self, loop: FederatedLoop, model) -> None:
-            splits = loop.datamodule.splits
-            if splits.num_classes != model.num_classes:
-                raise ConfigError(
-                    f"model.num_classes={model.num_classes} but the data set has {splits.num_classes} classes; "
-                    f"set --model.num_classes {splits.num_classes}"
-                )
-            named = {"server_train": splits.server_train, "probe": splits.probe, "val": splits.val, "test": splits.test}
-            named.update({f"client_train[{i}]": d for i, d in enumerate(splits.client_train)})
-            for name, dataset in named.items():
-                targets = getattr(dataset, "targets", None)
-                if (targets is None or not hasattr(targets, "is_floating_point") or targets.is_floating_point()
-                        or targets.dim() != 1 or len(targets) == 0):
-                    continue  # not class labels (e.g. regression scores)
-                bad = ((targets < 0) | (targets >= model.num_classes)).nonzero()
-                if len(bad):
-                    i = int(bad[0])
-                    raise ConfigError(
-                        f"data: label {int(targets[i])} of {name} row {i} is outside 0..{model.num_classes - 1} "
-                        "(model.num_classes); fix the data or model.num_classes"
-                    )
-
         def _resume_command(self) -> str:
             argv, skip = [], False
             for a in self._argv:
@@ -407,10 +378,10 @@ def _build_cli_class(args: list[str], configs: list[Any]):
                     f"{run_dir} already holds a run; continue it with --ckpt_path last, or start a new one "
                     "with another --trainer.default_root_dir (or delete the folder)"
                 )
-            self._check_optimizer(model)
+            check_optimizer(model)
             loop = self._loop(model, datamodule)
             loop.setup()
-            self._check_data(loop, model)
+            check_labels(loop.datamodule.splits, model)
             try:
                 summary = loop.fit(path, config_yaml=self._config_yaml())
             except KeyboardInterrupt:
@@ -440,12 +411,12 @@ def _build_cli_class(args: list[str], configs: list[Any]):
 
             if ckpt_path:
                 raise ConfigError("trainer.fast_dev_run makes a fresh one-round smoke run: leave out --ckpt_path")
-            self._check_optimizer(model)
+            check_optimizer(model)
             with tempfile.TemporaryDirectory(prefix="fedmoe-fast-dev-run-") as tmp:
                 loop = self._loop(model, datamodule, run_dir=Path(tmp))
                 loop.fed.rounds = 1
                 loop.setup()
-                self._check_data(loop, model)
+                check_labels(loop.datamodule.splits, model)
                 try:
                     summary = loop.fit()
                 except KeyboardInterrupt:
@@ -463,7 +434,7 @@ def _build_cli_class(args: list[str], configs: list[Any]):
             path = self._resolve_ckpt(ckpt_path, required=True)
             loop = self._loop(model, datamodule)
             loop.setup()
-            self._check_data(loop, model)
+            check_labels(loop.datamodule.splits, model)
             algo = type(loop.algo)
             loop.load(path, compare=lambda flat: _eval_keys(flat, algo))
             metrics = loop.evaluate(split)
@@ -471,6 +442,44 @@ def _build_cli_class(args: list[str], configs: list[Any]):
             print(f"{split} of {path} (round {loop.round}): {shown}  ({metrics.get('n')} samples)")
 
     return FedMoECLI
+
+
+def check_optimizer(model) -> None:
+    """Build the local optimiser once, so that a bad learning rate fails now, not in round 1."""
+    from fedmoe.federation.runner import _unpack_optimizers
+
+    try:
+        optimizer = _unpack_optimizers(model.configure_optimizers())[0]
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.optimizer: {e}") from None
+    for group in optimizer.param_groups:
+        lr = group.get("lr")
+        if isinstance(lr, (int, float)) and not (math.isfinite(lr) and lr >= 0):
+            raise ConfigError(f"model.optimizer.init_args.lr={lr} is out of range: must be a finite number >= 0")
+
+
+def check_labels(splits, model) -> None:
+    """Refuse a data set whose classes or class labels do not fit ``model.num_classes`` (one
+    ``error:`` line naming the split and row), before round 1."""
+    if splits.num_classes != model.num_classes:
+        raise ConfigError(
+            f"model.num_classes={model.num_classes} but the data set has {splits.num_classes} classes; "
+            f"set --model.num_classes {splits.num_classes}"
+        )
+    named = {"server_train": splits.server_train, "probe": splits.probe, "val": splits.val, "test": splits.test}
+    named.update({f"client_train[{i}]": d for i, d in enumerate(splits.client_train)})
+    for name, dataset in named.items():
+        targets = getattr(dataset, "targets", None)
+        if (targets is None or not hasattr(targets, "is_floating_point") or targets.is_floating_point()
+                or targets.dim() != 1 or len(targets) == 0):
+            continue  # not class labels (e.g. regression scores)
+        bad = ((targets < 0) | (targets >= model.num_classes)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise ConfigError(
+                f"data: label {int(targets[i])} of {name} row {i} is outside 0..{model.num_classes - 1} "
+                "(model.num_classes); fix the data or model.num_classes"
+            )
 
 
 def config_defaults(flat: dict[str, Any], sections: dict[str, type]) -> dict[str, Any]:
@@ -662,7 +671,7 @@ def main(args: list[str] | None = None) -> int:
         return evaluate_main(argv[1:])
     try:
         configs = check_config_files(argv)
-        cli_class = _build_cli_class(argv, configs)
+        cli_class = build_cli_class(argv, configs)
         cli_class._argv = argv
         cli_class(args=args)
     except FedMoEError as e:

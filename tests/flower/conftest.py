@@ -46,7 +46,7 @@ def write_config(folder: Path, algorithm: dict | None = None, clients: int = 2, 
 def sequential_run(config: Path):
     """The engine's own loop with the sequential executor on a config (one torch thread)."""
     from fedmoe.federation.loop import FederatedLoop
-    from fedmoe.flower.job import build_job
+    from fedmoe.federation.job import build_job
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

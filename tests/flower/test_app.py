@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fedmoe.flower.__main__ import main
-from fedmoe.flower.job import build_job, build_job_from_text
+from fedmoe.federation.job import build_job, build_job_from_text
 
 
 def test_app_folder_is_valid_for_flwr_and_its_run_config_rebuilds_the_same_job(fl, tmp_path, capsys):

@@ -19,7 +19,7 @@ import torch
 from fedmoe.flower.app import write_app
 from fedmoe.flower.certificates import make_node_keys, make_tls
 from fedmoe.flower.connection import check_superlink, write_connection
-from fedmoe.flower.job import build_job
+from fedmoe.federation.job import build_job
 
 psutil = pytest.importorskip("psutil")
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 
 from fedmoe.errors import ConfigError, RoundError
 from fedmoe.flower.client import client_app
-from fedmoe.flower.job import build_job
+from fedmoe.federation.job import build_job
 from fedmoe.flower.server import run_server
 from fedmoe.flower.strategy import weights_digest
 

@@ -1,5 +1,7 @@
-"""A federated job built from a ``python -m fedmoe.cli`` config: the same model, data, local training
-settings and algorithm on the Flower server and on every Flower client.
+"""A federated job built from a ``python -m fedmoe.cli`` config, without running it: the model, the
+data (set up), the local training settings and the federation (rounds, sampling, algorithm), as
+``fit`` would build them. The Flower server and every Flower client build the same job from the
+same config; a library user drives it with any executor or loop of their own.
 
 The config is parsed by the project's own command line (so defaults, checks and error messages are
 the same as ``fit``'s); ``seed_everything`` seeds torch before the model is built, so every process
@@ -12,7 +14,6 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 from fedmoe.errors import ConfigError, DataError
@@ -48,12 +49,12 @@ def build_job(config: str | Path, overrides: Sequence[str] = (), data_dir: str |
     A bad config raises :class:`ConfigError` (or exits with code 2 after printing one ``error:`` line,
     as ``fit`` does for argument errors).
     """
-    from fedmoe.cli import _build_cli_class, check_config_files
+    from fedmoe.cli import build_cli_class, check_config_files, check_labels, check_optimizer
 
     args = ["--config", str(config), *overrides]
     if data_dir is not None:
         args += ["--data.init_args.data_dir", str(data_dir)]
-    cli_class = _build_cli_class(args, check_config_files(args))
+    cli_class = build_cli_class(args, check_config_files(args))
     cli_class._argv = args
     argv, sys.argv = sys.argv, sys.argv[:1]  # a Flower process's own arguments are not the config's
     try:
@@ -78,8 +79,8 @@ def build_job(config: str | Path, overrides: Sequence[str] = (), data_dir: str |
     n = len(datamodule.splits.client_train)
     if federation.clients_per_round > n:
         raise DataError(f"federation.clients_per_round={federation.clients_per_round} exceeds the {n} clients of the data")
-    cli._check_optimizer(cli.model)  # the checks fit makes before round 1
-    cli._check_data(SimpleNamespace(datamodule=datamodule), cli.model)
+    check_optimizer(cli.model)  # the checks fit makes before round 1
+    check_labels(datamodule.splits, cli.model)
     return FederatedJob(
         module=cli.model,
         datamodule=datamodule,

@@ -3,7 +3,7 @@
 The same :class:`fedmoe.algorithms.base.Algorithm` objects run as a Flower ``Strategy`` on the
 server (:mod:`fedmoe.flower.strategy`) and the same client LightningModule trains inside a Flower
 ``ClientApp`` (:mod:`fedmoe.flower.client`); a ``python -m fedmoe.cli`` config builds both
-(:mod:`fedmoe.flower.job`). ``python -m fedmoe.flower --help`` lists the commands; docs/flower.md
+(:mod:`fedmoe.federation.job`). ``python -m fedmoe.flower --help`` lists the commands; docs/flower.md
 describes a multi-machine deployment.
 
 Flower's telemetry is switched off (``FLWR_TELEMETRY_ENABLED=0``) before flwr is first imported,

@@ -94,7 +94,7 @@ def _simulate(args, overrides: list[str]) -> int:
 
 def _app(args, overrides: list[str]) -> int:
     from fedmoe.flower.app import write_app
-    from fedmoe.flower.job import build_job
+    from fedmoe.federation.job import build_job
 
     job = build_job(args.config, overrides)
     folder = write_app(args.out, job.config_yaml, name=args.name, output_dir=args.output_dir,

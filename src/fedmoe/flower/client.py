@@ -22,7 +22,7 @@ from fedmoe.errors import ConfigError
 from fedmoe.executors import ClientTask, Sequential
 from fedmoe.executors.base import ClientFailure
 from fedmoe.federation.context import EngineContext
-from fedmoe.flower.job import FederatedJob, build_job_from_text
+from fedmoe.federation.job import FederatedJob, build_job_from_text
 from fedmoe.flower.records import content_to_plan, record_to_state, result_to_content
 
 #: run_config key holding the job's resolved YAML config (see :mod:`fedmoe.flower.app`).

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmoe.errors import ConfigError, DataError
 from fedmoe.federation.context import EngineContext
 from fedmoe.flower.client import CONFIG_KEY
-from fedmoe.flower.job import FederatedJob, build_job_from_text
+from fedmoe.federation.job import FederatedJob, build_job_from_text
 from fedmoe.flower.strategy import AlgorithmStrategy, weights_digest
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from fedmoe.errors import RoundError
 from fedmoe.flower.client import client_app
-from fedmoe.flower.job import build_job
+from fedmoe.federation.job import build_job
 from fedmoe.flower.server import ServerRun, server_app
 
 
