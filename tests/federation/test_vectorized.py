@@ -162,6 +162,42 @@ def test_optimizer_updates_equal_torch_optim_on_the_same_gradients(make):
                 torch.testing.assert_close(saved[j][name], value, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("make, kernel", [
+    (lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1), "_fused_adam_"),
+    (lambda p: torch.optim.AdamW(p, lr=1e-2, betas=(0.8, 0.95)), "_fused_adamw_"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.2, weight_decay=0.1), "_fused_sgd_"),
+    (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True), "_fused_sgd_"),
+    (lambda p: torch.optim.SGD(p, lr=0.1), "_fused_sgd_"),
+])
+def test_clients_at_the_same_step_are_updated_by_one_fused_cpu_kernel_equal_to_torch_optim(make, kernel, monkeypatch):
+    """Both clients fresh, so every update covers rows at one step count: torch's fused CPU kernel runs
+    (once per step), also on non-contiguous gradients, and matches torch.optim's own update."""
+    calls = []
+    original = getattr(torch, kernel)
+    monkeypatch.setattr(torch, kernel, lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    torch.manual_seed(0)
+    ref = [nn.Linear(4, 3) for _ in range(2)]
+    opts = [make(m.parameters()) for m in ref]
+    module = Classifier("tests.federation.test_vectorized.TinyLinear", 3, optimizer=make)
+    keys = ["weight", "bias"]
+    train = {k: torch.stack([dict(m.named_parameters())[k].detach().clone() for m in ref]) for k in keys}
+    opt = _OptimizerSpec.from_module(module).state_for([None, None], train, keys)
+    for _ in range(3):
+        grads = {"weight": torch.randn(2, 4, 3).transpose(1, 2), "bias": torch.randn(2, 3)}
+        for i, m in enumerate(ref):
+            m.weight.grad, m.bias.grad = grads["weight"][i].clone(), grads["bias"][i].clone()
+            opts[i].step()
+        opt.step(keys, [train[k] for k in keys], [grads[k] for k in keys], slice(0, 2))
+    assert len(calls) == 3
+    for i, m in enumerate(ref):
+        torch.testing.assert_close(train["weight"][i], m.weight.detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(train["bias"][i], m.bias.detach(), atol=1e-6, rtol=1e-6)
+        saved = opt.client_state(i, pin=False)["state"]
+        for j, entry in opts[i].state_dict()["state"].items():
+            for name, value in entry.items():
+                torch.testing.assert_close(saved[j][name], value, atol=1e-6, rtol=1e-6)
+
+
 class TinyLinear(nn.Module):
     def __init__(self, num_classes: int = 3) -> None:
         super().__init__()

@@ -5,8 +5,18 @@ clients is one call of ``vmap(grad_and_value(loss))`` over ``functional_call`` o
 each client with its own batch. Each client's batches come from its own loader
 (:meth:`FederatedDataModule.client_train_loader`), exactly the batches the sequential executor would
 draw for it, and its optimizer state is its own: SGD (momentum, dampening, Nesterov, weight decay)
-and Adam/AdamW are written with foreach tensor ops following ``torch.optim``'s update rules, so
-results match the sequential executor to float tolerance.
+and Adam/AdamW update the stacked state in place following ``torch.optim``'s update rules, so
+results match the sequential executor to float tolerance. On the CPU an update of clients at the
+same step count is one pass of torch's fused kernel (``torch._fused_adam_``, ``_fused_adamw_``,
+``_fused_sgd_``: what ``fused=True`` selects in ``torch.optim``) over each stacked tensor, with no
+temporaries; elsewhere, and for clients at different step counts, foreach tensor ops.
+
+On the CPU (``compute: loop``) nothing is gained by batching a compute-bound model, so clients train
+one after another over their own batches, each on leaves that view its rows of the stack; what the
+executor saves over the sequential one is per-client and per-step overhead: no Fabric set-up or
+optimizer built per client, and the fused update instead of ``torch.optim``'s default per-tensor
+loop on the CPU (for Adam seven passes and two temporaries per tensor, whose fresh pages cost page
+faults).
 
 Unequal clients. Clients are ordered by their number of local steps, longest first, so the clients
 still training at global step ``t`` are a prefix of the stack and a step updates a slice (a view:
@@ -52,11 +62,12 @@ class Vectorized(Executor):
     Args:
         chunk_size: at most this many clients per batched model (memory grows with it); None: the
             whole round at once.
-        compute: how a step's gradients are computed: ``vmap`` (all clients in one batched call) or
-            ``loop`` (one ``torch.func.grad`` call per client, then one batched optimizer step for all;
-            on a CPU, where a compute-bound model gains nothing from batching, vmap's grouped
-            convolutions can be slower than one client at a time); None: ``vmap`` on a GPU, ``loop``
-            on the CPU. The results are the same either way (to float rounding).
+        compute: how a step's gradients are computed: ``vmap`` (all clients' step in one batched
+            call and one optimizer update) or ``loop`` (one client after another, all its steps, with
+            plain autograd on views of its rows of the stack; on a CPU, where a compute-bound model
+            gains nothing from batching, vmap's grouped convolutions can be slower than one client
+            at a time); None: ``vmap`` on a GPU, ``loop`` on the CPU. The results are the same
+            either way (to float rounding).
     """
 
     def __init__(self, chunk_size: int | None = None, compute: Literal["vmap", "loop"] | None = None) -> None:
@@ -165,59 +176,79 @@ class Vectorized(Executor):
         regression = getattr(module, "num_classes", None) == 1
 
         def client_loss(params, fixed, common, x, y, w):
+            """The client's loss on one batch: the mean over its rows (``w`` None), or the sum of the rows'
+            losses weighted by ``w`` (a padded batch of the stack)."""
             out = functional_call(net, ({**params, **fixed, **common}), (x,))
             if regression:
                 per = (out.squeeze(-1) - y.to(out.dtype)).pow(2)
             else:
                 per = F.cross_entropy(out, y, label_smoothing=smoothing, reduction="none")
-            loss = (per * w).sum()
+            loss = per.mean() if w is None else (per * w).sum()
             if regularizer is not None:
                 loss = loss + regularizer(_ParamView(params))
             return loss, loss.detach()
 
-        batched_fn = vmap(grad_and_value(client_loss, has_aux=True), in_dims=(0, 0, None, 0, 0, 0))
         compute = self.compute or ("loop" if dev.type == "cpu" else "vmap")
-
-        def step(rows: slice, x, y, w) -> None:
-            """One optimizer step of the clients ``rows`` (a slice of the stack) on their batches."""
-            params = {key: v[rows] for key, v in train.items()}
-            fixed = {key: v[rows] for key, v in fixed_batched.items()}
+        try:
             if compute == "vmap":
-                grads, (_, loss) = batched_fn(params, fixed, shared, x, y, w)
-            else:  # one client (rows is i:i+1), plain autograd on leaves that view its rows of the stack
-                # (no functorch levels to pay for, no copy: the optimizer writes the rows after the backward)
-                leaves = {key: v[0].detach().requires_grad_() for key, v in params.items()}
-                loss, _ = client_loss(leaves, {key: v[0] for key, v in fixed.items()}, shared, x[0], y[0], w[0])
-                grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-                grads = {key: g.unsqueeze(0) for key, g in grads.items()}
-                loss = loss.detach()
-            loss_sum[rows] += loss.detach().to(torch.float64)
-            grads = [grads[key] for key in trainable]
-            _clip(grads, self.settings)
-            opt.step(trainable, [params[key] for key in trainable], grads, rows)
+                losses = self._train_vmap(clients, client_loss, train, fixed_batched, shared, opt, trainable)
+            else:
+                losses = self._train_loop(clients, client_loss, train, fixed_batched, shared, opt, trainable)
+        except RuntimeError as e:
+            if "randomness" in str(e):
+                raise ConfigError(f"{_PREFIX}: the network draws random numbers in training (dropout?), "
+                                  "which cannot be reproduced per client; use federation.executor sequential") from None
+            raise
+        return self._outcomes(clients, train, fixed_batched, shared, current, opt, losses, steps)
 
+    def _train_vmap(self, clients, client_loss, train, fixed_batched, shared, opt, trainable) -> list[float]:
+        """All clients' step ``t`` as one batched call: the clients still training are a prefix of the
+        stack, their batches are stacked (padded to one width) and one optimizer update covers them."""
+        dev = self.device
+        n = len(clients)
+        steps = [len(c.batches) for c in clients]
+        batched_fn = vmap(grad_and_value(client_loss, has_aux=True), in_dims=(0, 0, None, 0, 0, 0))
         width = max((len(b[1]) for c in clients for b in c.batches), default=0)
         loss_sum = torch.zeros(n, dtype=torch.float64, device=dev)
         for t in range(max(steps, default=0)):
             k = sum(1 for s in steps if s > t)
+            rows = slice(0, k)
             x, y, w = _stack_batches([c.batches[t] for c in clients[:k]], width, dev)
-            try:
-                if compute == "vmap":
-                    step(slice(0, k), x, y, w)
-                else:
-                    for i in range(k):
-                        step(slice(i, i + 1), x[i : i + 1], y[i : i + 1], w[i : i + 1])
-            except RuntimeError as e:
-                if "randomness" in str(e):
-                    raise ConfigError(f"{_PREFIX}: the network draws random numbers in training (dropout?), "
-                                      "which cannot be reproduced per client; use federation.executor sequential") from None
-                raise
-        return self._outcomes(clients, train, fixed_batched, shared, current, opt, loss_sum, steps)
+            params = {key: v[rows] for key, v in train.items()}
+            fixed = {key: v[rows] for key, v in fixed_batched.items()}
+            grads, (_, loss) = batched_fn(params, fixed, shared, x, y, w)
+            loss_sum[rows] += loss.detach().to(torch.float64)
+            grads = [grads[key] for key in trainable]
+            _clip(grads, self.settings)
+            opt.step(trainable, [params[key] for key in trainable], grads, rows)
+        return loss_sum.cpu().tolist()
 
-    def _outcomes(self, clients, train, fixed_batched, shared, current, opt, loss_sum, steps) -> list[ClientOutcome]:
+    def _train_loop(self, clients, client_loss, train, fixed_batched, shared, opt, trainable) -> list[float]:
+        """One client after another over its own batches as the loader gave them (no stacking, no
+        padding): plain autograd on leaves that view the client's row of the stack (no functorch
+        levels, no copy of its weights), then the optimizer's update of that row in place (on the
+        CPU one fused pass over each tensor). The summed batch losses per client."""
+        dev = self.device
+        losses = []
+        for i, c in enumerate(clients):
+            rows = slice(i, i + 1)
+            leaves = {key: train[key][i].detach().requires_grad_() for key in trainable}
+            inputs = [leaves[key] for key in trainable]
+            params = [train[key][rows] for key in trainable]
+            fixed = {key: v[i] for key, v in fixed_batched.items()}
+            total = 0.0
+            for x, y in c.batches:
+                loss, _ = client_loss(leaves, fixed, shared, x.to(dev), y.to(dev), None)
+                grads = [g.unsqueeze(0) for g in torch.autograd.grad(loss, inputs)]
+                total += float(loss.detach())
+                _clip(grads, self.settings)
+                opt.step(trainable, params, grads, rows)
+            losses.append(total)
+        return losses
+
+    def _outcomes(self, clients, train, fixed_batched, shared, current, opt, losses, steps) -> list[ClientOutcome]:
         dev = self.device
         pin = dev.type == "cuda"
-        losses = loss_sum.cpu().tolist()
         out = []
         for i, c in enumerate(clients):
             plan = c.task.plan
@@ -407,6 +438,7 @@ class _StackedOptimizer:
         self.steps = [0] * n
         self.bufs: dict[str, dict[str, torch.Tensor]] = {}
         self.has_buf = [False] * n
+        self._groups: dict[tuple[str, ...], list[tuple[dict[str, Any], list[int]]]] = {}
         names = ("momentum_buffer",) if spec.kind == "sgd" else ("exp_avg", "exp_avg_sq")
         if spec.kind == "sgd" and all(spec.hyper[k]["momentum"] == 0 for k in trainable):
             names = ()
@@ -429,14 +461,16 @@ class _StackedOptimizer:
 
     def step(self, keys: list[str], params: list[torch.Tensor], grads: list[torch.Tensor], rows: slice) -> None:
         """Update the clients ``rows`` of the stack: ``params`` and ``grads`` are those rows."""
-        groups: dict[tuple, list[int]] = {}
-        for j, key in enumerate(keys):
-            h = self.spec.hyper[key]
-            groups.setdefault(tuple(sorted((a, repr(b)) for a, b in h.items())), []).append(j)
+        groups = self._groups.get(tuple(keys))
+        if groups is None:  # the parameters by hyperparameters (param groups), once per list of keys
+            by: dict[tuple, list[int]] = {}
+            for j, key in enumerate(keys):
+                h = self.spec.hyper[key]
+                by.setdefault(tuple(sorted((a, repr(b)) for a, b in h.items())), []).append(j)
+            groups = self._groups[tuple(keys)] = [(self.spec.hyper[keys[idx[0]]], idx) for idx in by.values()]
         for i in range(*rows.indices(len(self.steps))):
             self.steps[i] += 1
-        for idx in groups.values():
-            h = self.spec.hyper[keys[idx[0]]]
+        for h, idx in groups:
             ps = [params[j] for j in idx]
             gs = [grads[j] for j in idx]
             sub = [keys[j] for j in idx]
@@ -450,21 +484,27 @@ class _StackedOptimizer:
 
     def _sgd(self, h, keys, ps, gs, rows: slice) -> None:
         lr, wd, momentum = float(h["lr"]), float(h["weight_decay"]), float(h["momentum"])
+        dampening = float(h["dampening"])
+        bufs = [self.bufs["momentum_buffer"][key][rows] for key in keys] if momentum != 0 else []
+        have = self.has_buf[rows]
+        if (momentum == 0 or all(have) or not any(have)) and _fusable(ps, bufs):
+            torch._fused_sgd_(ps, _contiguous(gs), bufs, weight_decay=wd, momentum=momentum, lr=lr,
+                              dampening=dampening, nesterov=bool(h["nesterov"]), maximize=False,
+                              is_first_step=momentum != 0 and not any(have))
+            return
         if wd != 0:
             gs = torch._foreach_add(gs, ps, alpha=wd)
         if momentum != 0:
-            bufs = [self.bufs["momentum_buffer"][key][rows] for key in keys]
-            have = self.has_buf[rows]
             if all(have):
                 torch._foreach_mul_(bufs, momentum)
-                torch._foreach_add_(bufs, gs, alpha=1 - float(h["dampening"]))
+                torch._foreach_add_(bufs, gs, alpha=1 - dampening)
             elif not any(have):
                 torch._foreach_copy_(bufs, gs)
             else:
                 mask = torch.tensor(have, device=ps[0].device)
                 for b, g in zip(bufs, gs):
                     m = mask.view(-1, *([1] * (g.dim() - 1)))
-                    b.copy_(torch.where(m, b * momentum + g * (1 - float(h["dampening"])), g))
+                    b.copy_(torch.where(m, b * momentum + g * (1 - dampening), g))
             gs = torch._foreach_add(gs, bufs, alpha=momentum) if h["nesterov"] else bufs
         torch._foreach_add_(ps, gs, alpha=-lr)
 
@@ -474,6 +514,13 @@ class _StackedOptimizer:
         decoupled = self.spec.kind == "adamw" or bool(h.get("decoupled_weight_decay", False))
         m = [self.bufs["exp_avg"][key][rows] for key in keys]
         v = [self.bufs["exp_avg_sq"][key][rows] for key in keys]
+        steps = self.steps[rows]
+        if len(set(steps)) == 1 and _fusable(ps, m, v):
+            fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+            step = [torch.tensor(float(steps[0]))] * len(ps)
+            fused(ps, _contiguous(gs), m, v, [], step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd,
+                  eps=eps, amsgrad=False, maximize=False)
+            return
         if wd != 0:
             if decoupled:
                 torch._foreach_mul_(ps, 1 - lr * wd)
@@ -482,7 +529,6 @@ class _StackedOptimizer:
         torch._foreach_lerp_(m, gs, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, gs, gs, value=1 - beta2)
-        steps = self.steps[rows]
         if len(set(steps)) == 1:
             step = steps[0]
             step_size = lr / (1 - beta1**step)
@@ -515,6 +561,16 @@ class _StackedOptimizer:
             if entry:
                 state[self.spec.index[k]] = entry
         return {"state": state, "param_groups": [dict(g) for g in self.spec.param_groups]}
+
+
+def _fusable(*lists: list[torch.Tensor]) -> bool:
+    """Whether torch's fused CPU kernels can update these tensors in place: all on the CPU, floating
+    point and contiguous (the kernels walk the memory flat). On other devices the foreach updates run."""
+    return all(t.device.type == "cpu" and t.is_floating_point() and t.is_contiguous() for ts in lists for t in ts)
+
+
+def _contiguous(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t if t.is_contiguous() else t.contiguous() for t in ts]
 
 
 # -- refusals ------------------------------------------------------------------------------------
