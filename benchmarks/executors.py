@@ -15,12 +15,19 @@ vectorized one to float tolerance.
 The parallel executor runs ``--parallel-devices`` workers (default ``cpu:2``; ``none`` leaves it out);
 their start-up (spawn, imports, building the model and data) happens before the warm-up round.
 
+CPU seconds: the user + system time of this process (for the parallel side, plus its workers) during
+a side's round, a figure that other jobs on the machine disturb less than the wall-clock time (they
+take cores away; they add little work). ``--fused-optimizer`` gives every side Adam with
+``fused=True`` (the vectorized executor's CPU update always runs torch's fused kernel), to separate
+the optimizer kernel's share of the difference from the rest.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during a side's rounds; on the CPU the
 peak resident set size above the size before the side's round (sampled every 10 ms), for the
 parallel side the sum over this process and its workers (pages of the shared buffers that several
-processes touch count once per process).
+processes touch count once per process). The vectorized executor also keeps its stacked buffers
+(weights and optimizer state of a chunk's clients) between rounds; their size is printed.
 
-    python benchmarks/executors.py --data-dir ../shared/data/femnist --clients 4 --threads 1
+    OMP_NUM_THREADS=1 python benchmarks/executors.py --data-dir ../shared/data/femnist --clients 20 --threads 1
     python benchmarks/executors.py --data-dir data/femnist --clients 100 --device cuda --parallel-devices none
 """
 
@@ -30,6 +37,7 @@ import argparse
 import importlib.util
 import os
 import platform
+import resource
 import statistics
 import sys
 import threading
@@ -56,6 +64,26 @@ DATA_DIRS = ("data/femnist", "../shared/data/femnist")
 
 def adam(params):
     return torch.optim.Adam(params, lr=LR)
+
+
+def adam_fused(params):
+    return torch.optim.Adam(params, lr=LR, fused=True)
+
+
+def cpu_seconds(pids: list[int] = ()) -> float:
+    """User + system CPU seconds of this process so far, plus those of processes ``pids`` (0 for one
+    whose /proc/PID/stat cannot be read)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    total = r.ru_utime + r.ru_stime
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 class PeakRSS:
@@ -142,6 +170,8 @@ def main() -> int:
                    help="vectorized executor: vmap (default on a GPU) or loop (default on the CPU)")
     p.add_argument("--parallel-devices", default="cpu:2",
                    help="parallel executor: cpu:N worker processes, GPU ids such as 0,1, or none")
+    p.add_argument("--fused-optimizer", action="store_true",
+                   help="Adam with fused=True on every side (default: torch.optim.Adam's default kernel)")
     args = p.parse_args()
 
     if args.threads:
@@ -161,7 +191,7 @@ def main() -> int:
     sizes = [len(d) for d in dm.splits.client_train]
     print(f"data: {folder}: {writers} writers; {args.clients} clients x {wpc} writers, {sum(sizes)} training samples "
           f"(per client {min(sizes)}..{max(sizes)}), batch {args.batch_size}, {args.epochs} local epoch(s), "
-          f"Adam lr {LR}; read in {time.perf_counter() - t0:.1f}s", flush=True)
+          f"Adam lr {LR}{' fused' if args.fused_optimizer else ''}; read in {time.perf_counter() - t0:.1f}s", flush=True)
 
     settings = RunnerSettings(accelerator=args.device, max_epochs=args.epochs)
     names = ["sequential", "parallel", "vectorized"]
@@ -170,7 +200,7 @@ def main() -> int:
     sides = {}
     for name in names:
         torch.manual_seed(0)
-        module = Classifier("femnist_cnn", NUM_CLASSES, optimizer=adam)
+        module = Classifier("femnist_cnn", NUM_CLASSES, optimizer=adam_fused if args.fused_optimizer else adam)
         start = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
         if name == "parallel":
             devices = args.parallel_devices
@@ -186,7 +216,7 @@ def main() -> int:
             rest = PeakRSS(pids=executor.pids).rss() - PeakRSS().rss()
             print(f"parallel: {len(executor.pids)} workers on {args.parallel_devices} started in "
                   f"{time.perf_counter() - t:.1f}s, resident {rest / 2**20:,.0f} MiB together", flush=True)
-        sides[name] = {"executor": executor, "start": start, "times": [], "peak": 0, "parts": {}}
+        sides[name] = {"executor": executor, "start": start, "times": [], "cpu": [], "peak": 0, "parts": {}}
     params = sum(v.numel() for v in sides["sequential"]["start"].values())
     vec = sides["vectorized"]["executor"]
     compute = vec.compute or ("loop" if device.type == "cpu" else "vmap")
@@ -202,33 +232,36 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats(device)
         pids = side["executor"].pids if name == "parallel" else []
         with PeakRSS(pids=pids) as rss:
+            cpu = cpu_seconds(pids)
             t = time.perf_counter()
             out = side["executor"].run(tasks)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t
+            cpu = cpu_seconds(pids) - cpu
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.extra
         failed = [o for o in out if not hasattr(o, "result")]
         if failed:
             raise RuntimeError(f"{len(failed)} clients failed, e.g. {failed[0].error}")
-        return out, seconds, peak
+        return out, seconds, cpu, peak
 
     diffs: dict[str, list] = {n: [] for n in names if n != "sequential"}
     for r in range(args.rounds + 1):
         outs = {}
         for name in [n for n in names if n in sides]:
             try:
-                outs[name], seconds, peak = run(name, r)
+                outs[name], seconds, cpu, peak = run(name, r)
             except Exception as e:  # report the other side still
                 print(f"  {name} failed: {type(e).__name__}: {e}; measuring the other sides only", flush=True)
                 sides.pop(name)["executor"].close()
                 continue
             label = "warm-up" if r == 0 else f"round {r}"
             print(f"  {label:8s} {name:10s} {seconds:8.3f}s  ({args.clients * args.epochs / seconds:8.1f} client-epochs/s, "
-                  f"peak {peak / 2**20:,.0f} MiB)",
+                  f"{cpu:7.2f} CPU s, peak {peak / 2**20:,.0f} MiB, load {os.getloadavg()[0]:.1f})",
                   flush=True)
             if r > 0:
                 sides[name]["times"].append(seconds)
+                sides[name]["cpu"].append(cpu)
                 sides[name]["peak"] = max(sides[name]["peak"], peak)
             if r == 0 and name == "vectorized":  # time parts of the measured rounds only
                 side_parts = sides[name]["parts"]
@@ -241,16 +274,20 @@ def main() -> int:
                     diffs[other].append((d.max().item(), d.sum().item(), d.numel()))
         del outs
 
+    kept = sum(t.numel() * t.element_size() for t in vec._pool.tensors.values())
     for side in sides.values():
         side["executor"].close()
     print()
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if "vectorized" in sides:
+        print(f"vectorized: stacked weights and optimizer state kept between rounds: {kept / 2**20:,.0f} MiB")
     rates = {}
     for name, side in sides.items():
         med = statistics.median(side["times"])
         rates[name] = args.clients * args.epochs / med
         kind = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS above start"
         print(f"{name:10s}: {rates[name]:9.1f} client-epochs/s (median round {med:.3f}s of {len(side['times'])}), "
-              f"{kind} {side['peak'] / 2**20:,.0f} MiB")
+              f"median {statistics.median(side['cpu']):.2f} CPU s, {kind} {side['peak'] / 2**20:,.0f} MiB")
     if "sequential" not in sides or len(sides) < 2:
         print("only one side ran, or not the sequential one: no ratio")
         return 1
@@ -267,8 +304,10 @@ def main() -> int:
                   f"mean {sum(d[1] for d in found) / sum(d[2] for d in found):.2e}{note}")
     for other in diffs:
         if other in sides:
+            cpu_ratio = statistics.median(sides["sequential"]["cpu"]) / statistics.median(sides[other]["cpu"])
             print(f"ratio {other} / sequential: {rates[other] / rates['sequential']:.2f}x "
-                  f"({args.clients} clients, {args.device}, sequential with {torch.get_num_threads()} thread(s))")
+                  f"({args.clients} clients, {args.device}, sequential with {torch.get_num_threads()} thread(s)); "
+                  f"CPU seconds sequential / {other}: {cpu_ratio:.2f}x")
     return 0
 
 
