@@ -3,18 +3,22 @@
 A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then renamed
 over the target: after a crash there is either the old checkpoint or the new one, never half of
 one. The temporary file of a write killed half-way is removed at the next write or start.
+:class:`BackgroundWriter` does the same write in a thread, from a snapshot taken when it is asked.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import random
 import re
 import secrets
+import threading
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -105,6 +109,69 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     """Save a checkpoint atomically."""
     atomic_write_bytes(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **payload}, f))
+
+
+class BackgroundWriter:
+    """Checkpoints written in a background thread, one at a time, so that the rounds go on while a
+    checkpoint is serialised and fsynced (for a 22.7M-parameter model about 0.4 s a round, most of
+    it waiting for the disk).
+
+    :meth:`submit` first waits for the previous write, then deep-copies the payload in the calling
+    thread: the snapshot is consistent, whatever the caller later changes in place. The thread
+    writes it with :func:`save_checkpoint` (atomic, fsynced: a crash or a failed write leaves the
+    previous checkpoint), then runs ``then`` (what must follow a written checkpoint). :meth:`wait`
+    joins the write and raises its error, if it had one; call it before relying on the file.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.cpu_seconds = 0.0
+        """CPU time the writes so far took in their thread (serialisation, copying into the page cache)."""
+
+    @property
+    def pending(self) -> bool:
+        """Whether a submitted write has not been waited for."""
+        return self._thread is not None
+
+    def submit(self, path: str | os.PathLike, payload: dict[str, Any], then: Callable[[], None] | None = None) -> None:
+        """Wait for the previous write (raising its error), snapshot ``payload`` and start writing it."""
+        self.wait()
+        snapshot = copy.deepcopy(payload)
+        self._thread = threading.Thread(target=self._write, args=(Path(path), snapshot, then),
+                                        name="fedmoe-checkpoint")
+        self._thread.start()
+
+    def _write(self, path: Path, payload: dict[str, Any], then: Callable[[], None] | None) -> None:
+        start = time.thread_time()
+        try:
+            save_checkpoint(path, payload)
+            if then is not None:
+                then()
+        except BaseException as e:  # raised in the caller's thread by wait()
+            self._error = e
+        finally:
+            self.cpu_seconds += time.thread_time() - start
+
+    def wait(self) -> None:
+        """Block until the pending write is done; raise its error (once) if it failed."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in nested dicts, lists and tuples (a tensor met twice counts twice)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -165,6 +165,9 @@ class FederatedLoop:
         """One record per ``fit`` call that ran rounds: start time, rounds, seconds, resumed-from."""
         self.saved_round: int | None = None
         self.loaded_round: int | None = None
+        self._writer = ckpt_io.BackgroundWriter()
+        self._writing: int | None = None
+        """The round whose checkpoint the background writer holds, until it is waited for."""
         self._ready = False
 
     @property
@@ -242,10 +245,57 @@ class FederatedLoop:
                                                 for row in self.history))
 
     def save(self) -> None:
-        """Save the checkpoint; with a disk client store it references the store's files, and the
-        files it no longer references are deleted once it is written."""
+        """Save the checkpoint here and now (after the background one, if any); with a disk client
+        store it references the store's files, and the files it no longer references are deleted
+        once it is written."""
+        self.settle_checkpoint()
         ckpt_io.save_checkpoint(self.ckpt_path, self.state_dict())
         self.store.commit()
+
+    def checkpoint(self) -> None:
+        """Save this round's checkpoint, then ``summary.json``, as ``fit`` does after a round.
+
+        The write goes to a background thread (:class:`~fedmoe.federation.checkpoint.BackgroundWriter`:
+        a deep copy of the state, written atomically with fsync while the next round trains) when
+        the snapshot costs no more memory than one round's uploads just released, the client store
+        is in memory and local fits do not fork processes; otherwise it is written here. Either way
+        the previous checkpoint stays until the new one is complete, and :meth:`settle_checkpoint`
+        (called by the next checkpoint and at the end of ``fit``) raises a failed write's error.
+        """
+        self.settle_checkpoint()
+        summary = self._summary_json() if self.fed.write_logs else None
+        payload = None if self.store.root is not None or self.settings.distributed else self.state_dict()
+        if payload is not None and ckpt_io.tensor_bytes(payload) <= self.fed.clients_per_round * num_bytes(self.template):
+            self._writer.submit(self.ckpt_path, payload, then=lambda: self._write_summary(summary))
+            self._writing = self.round
+            return
+        if payload is None:
+            payload = self.state_dict()
+        ckpt_io.save_checkpoint(self.ckpt_path, payload)
+        self.store.commit()
+        self.saved_round = self.round
+        self._write_summary(summary)
+
+    def settle_checkpoint(self, raise_error: bool = True) -> None:
+        """Wait for the background checkpoint, if one is being written; once written it is the
+        run's saved round. A failed write raises its error, or with ``raise_error=False`` (a run
+        already failing) is logged."""
+        if not self._writer.pending:
+            return
+        written, self._writing = self._writing, None
+        try:
+            self._writer.wait()
+        except Exception as e:
+            if raise_error:
+                raise
+            log.error("the checkpoint of round %s was not written: %s", written, e)
+            return
+        self.saved_round = written
+
+    @property
+    def checkpoint_cpu_seconds(self) -> float:
+        """CPU time spent writing checkpoints in the background so far."""
+        return self._writer.cpu_seconds
 
     # -- running --------------------------------------------------------------------------------
 
@@ -255,10 +305,12 @@ class FederatedLoop:
         Leftovers of interrupted atomic writes are removed when the rounds start. Nothing else is
         written before the first round of this call completes, so a run that fails or is
         interrupted earlier leaves its folder as it was; then ``config_yaml`` (the resolved config)
-        is saved as ``config.yaml``, headed by comments listing the run's sessions. ``summary.json`` is written with every checkpoint. A
-        checkpoint with more rounds than ``federation.rounds`` is refused; one with exactly as many
-        changes nothing (the summary has ``new_rounds: 0``). ``seconds`` in the summary is the time
-        spent in rounds over all sessions.
+        is saved as ``config.yaml``, headed by comments listing the run's sessions.
+        ``summary.json`` is written after every checkpoint (:meth:`checkpoint`: often in the
+        background while the next round trains; the last one is complete, or its error raised,
+        before ``fit`` returns). A checkpoint with more rounds than ``federation.rounds`` is
+        refused; one with exactly as many changes nothing (the summary has ``new_rounds: 0``).
+        ``seconds`` in the summary is the time spent in rounds over all sessions.
         """
         self.setup()
         self.store.check_writable()
@@ -295,6 +347,7 @@ class FederatedLoop:
             disable=not (self.fed.progress and self.settings.enable_progress_bar), dynamic_ncols=True,
         )
         tick = time.perf_counter()
+        finished = False
         try:
             while self.round < self.fed.rounds:
                 row, images = self.run_round(self.round + 1)
@@ -313,24 +366,27 @@ class FederatedLoop:
                 session["last_round"] = self.round
                 tick = now
                 if self.fed.checkpoints(self.round):
-                    self.save()
-                    self.saved_round = self.round
-                    if self.fed.write_logs:
-                        self._write_summary()
+                    self.checkpoint()
                 bar.update(1)
                 bar.set_postfix({k.split("/")[-1]: f"{row[k]:.4f}" for k in ("server/test_acc", "clients/acc_mean") if _finite(row.get(k))})
+            finished = True
         finally:
             bar.close()
             if recorder is not None:
                 recorder.close()
             self.fed.executor.close()  # worker processes stop with the rounds (a later fit starts them again)
+            self.settle_checkpoint(raise_error=finished)
         return {**self.summary(self.elapsed), "sessions": self.sessions,
                 "new_rounds": self.round - session["first_round"] + 1}
 
-    def _write_summary(self) -> None:
-        """summary.json, written with each checkpoint so that the two always agree."""
+    def _summary_json(self) -> str:
+        """summary.json's text now; written after the checkpoint, so that the two always agree."""
         summary = {**self.summary(self.elapsed), "sessions": self.sessions, "complete": self.round == self.fed.rounds}
-        ckpt_io.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        return json.dumps(summary, indent=2, default=str)
+
+    def _write_summary(self, text: str | None) -> None:
+        if text is not None:
+            ckpt_io.atomic_write_text(self.run_dir / "summary.json", text)
 
     def _sessions_header(self) -> str:
         """Comment lines for config.yaml: how to rerun or evaluate it, and the run's sessions."""
