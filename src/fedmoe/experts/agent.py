@@ -33,8 +33,8 @@ Dispatch of a batch whose rows use different adapters (``dispatch``):
   factors stacked once per ``generate`` call and applied in every LoRA layer as two batched matmuls
   (Punica/S-LoRA's BGMV), whatever the number of adapters;
 - ``peft``: PEFT's ``adapter_names`` (one adapter per row), which loops over the batch's adapters in
-  every layer: about six small ops per adapter per layer per token (the mixed 4-row decoding step of
-  SmolLM2-135M costs 1.3x the gathered one on one CPU thread; benchmarks/mixed_batch.py).
+  every layer: about six small ops per adapter per layer per token, slower on a CPU (the
+  ``mixed_batch.py`` section of benchmarks/README.md).
 
 A batch whose rows all use one adapter activates it alone instead (no per-row dispatch).
 
