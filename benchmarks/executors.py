@@ -221,7 +221,7 @@ def main() -> int:
     vec = sides["vectorized"]["executor"]
     compute = vec.compute or ("loop" if device.type == "cpu" else "vmap")
     print(f"model: femnist_cnn, {params / 1e6:.2f}M parameters per client; vectorized: compute {compute}, "
-          f"chunk size {vec.chunk_size or 'all'}", flush=True)
+          f"chunk size {vec.chunk_size or (1 if compute == 'loop' else 'all')}", flush=True)
     _time_parts(sides["vectorized"])
 
     def run(name: str, r: int):

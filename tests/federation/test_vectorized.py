@@ -215,6 +215,18 @@ def test_fedprox_clipping_and_persistent_optimizers_match_sequential(optimizer, 
     _assert_close(seq, vec, atol=1e-5)
 
 
+@pytest.mark.parametrize("compute, chunk_size, stacked", [("loop", None, 1), ("loop", 2, 2), ("vmap", None, 4)])
+def test_loop_mode_stacks_one_client_at_a_time_unless_given_a_chunk_size(compute, chunk_size, stacked):
+    """The loop trains one client after another, so by default it holds one client's weights and
+    optimizer state, not the round's; vmap stacks the whole round."""
+    dm = DigitsDataModule(num_clients=4, batch_size=32)
+    settings = RunnerSettings(max_epochs=1, limit_train_batches=1)
+    executor = Vectorized(chunk_size=chunk_size, compute=compute)
+    outcomes = _run(executor, "digits_cnn", "adam", dm, settings)
+    assert [o.result.metrics["steps"] for o in outcomes] == [1, 1, 1, 1]
+    assert executor._pool.tensors and {t.shape[0] for t in executor._pool.tensors.values()} == {stacked}
+
+
 def test_federated_rounds_with_vectorized_clients_match_sequential(tmp_path):
     def loop(executor):
         module = _module("digits_cnn", "sgd")

@@ -12,8 +12,8 @@ same step count is one pass of torch's fused kernel (``torch._fused_adam_``, ``_
 temporaries; elsewhere, and for clients at different step counts, foreach tensor ops.
 
 On the CPU (``compute: loop``) nothing is gained by batching a compute-bound model, so clients train
-one after another over their own batches, each on leaves that view its rows of the stack; what the
-executor saves over the sequential one is per-client and per-step overhead: no Fabric set-up or
+one after another over their own batches, each on leaves that view its row of the stack (by default
+a stack of one client, reused: ``chunk_size``); what the executor saves over the sequential one is per-client and per-step overhead: no Fabric set-up or
 optimizer built per client, and the fused update instead of ``torch.optim``'s default per-tensor
 loop on the CPU (for Adam seven passes and two temporaries per tensor, whose fresh pages cost page
 faults).
@@ -61,7 +61,9 @@ class Vectorized(Executor):
 
     Args:
         chunk_size: at most this many clients per batched model (memory grows with it); None: the
-            whole round at once.
+            whole round at once with ``vmap``, one client at a time with ``loop`` (which trains one
+            client after another anyway: stacking more of them would only hold their weights and
+            optimizer state in memory at once).
         compute: how a step's gradients are computed: ``vmap`` (all clients' step in one batched
             call and one optimizer update) or ``loop`` (one client after another, all its steps, with
             plain autograd on views of its rows of the stack; on a CPU, where a compute-bound model
@@ -89,6 +91,11 @@ class Vectorized(Executor):
         _check_module(module)
         self.optim = _OptimizerSpec.from_module(module)
 
+    @property
+    def compute_mode(self) -> str:
+        """``compute``, or its default on the training device: ``loop`` on the CPU, ``vmap`` elsewhere."""
+        return self.compute or ("loop" if self.device.type == "cpu" else "vmap")
+
     # -- running ----------------------------------------------------------------------------------
 
     def run(self, tasks: list[ClientTask]) -> list[ClientOutcome | ClientFailure]:
@@ -96,7 +103,7 @@ class Vectorized(Executor):
             return []
         regularizer = _common_regularizer(tasks)
         _check_plans(tasks, self.module.net)
-        size = self.chunk_size or len(tasks)
+        size = self.chunk_size or (1 if self.compute_mode == "loop" else len(tasks))
         out: list[ClientOutcome | ClientFailure] = []
         for start in range(0, len(tasks), size):
             out.extend(self._run_chunk(tasks[start : start + size], regularizer))
@@ -188,9 +195,8 @@ class Vectorized(Executor):
                 loss = loss + regularizer(_ParamView(params))
             return loss, loss.detach()
 
-        compute = self.compute or ("loop" if dev.type == "cpu" else "vmap")
         try:
-            if compute == "vmap":
+            if self.compute_mode == "vmap":
                 losses = self._train_vmap(clients, client_loss, train, fixed_batched, shared, opt, trainable)
             else:
                 losses = self._train_loop(clients, client_loss, train, fixed_batched, shared, opt, trainable)
