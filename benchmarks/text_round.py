@@ -9,13 +9,23 @@ shuffled batches cut to their longest tweet, and the sample-weighted average of 
 
 * engine: ``FederatedLoop.run_round`` with FedAvg (sampling, the sequential executor driving the
   client ``Classifier`` through ``LocalRunner``, aggregation), then what ``FederatedLoop.fit`` does
-  after each round: ``metrics.csv`` and TensorBoard scalars, and the atomic checkpoint.
+  after each round: ``metrics.csv`` and TensorBoard scalars, and ``FederatedLoop.checkpoint`` (the
+  atomic, fsynced checkpoint and ``summary.json``, written by a background thread from a snapshot).
 * bare: for each client, load the global weights into one ``AutoModel`` + ``nn.Linear``, train it
-  with a plain loop over ``torch.randperm`` batches, copy its weights out; then average them.
+  with a plain loop over batches of row positions from a shuffling ``DataLoader``, copy its weights
+  out; then average them. Its shuffle is seeded as the engine's, so both sides train on the same
+  batches (the same padded widths: the same work); this is checked before timing.
 
 Evaluation is excluded on both sides (Fed-MoE's server step is server compute, not local training,
 and is excluded too). A warm-up round of each side comes first, then ``--rounds`` measured rounds
 per side, interleaved; both sides are seeded identically before each round.
+
+Two figures per round and side. Wall: the engine's is its main thread's time until ``fit`` would
+start the next round, plus the CPU time of that round's background checkpoint write (charged as if
+it ran on the same core; its wait for the disk is not, since ``fit`` trains the next round
+meanwhile); the write is waited for before the bare side's round, so it never runs during it. CPU:
+the process's CPU time over the round (the writer thread's included), which other jobs on the
+machine disturb far less than wall time.
 
     python benchmarks/text_round.py --data-dir ../shared/data/sent140
 """
@@ -40,8 +50,10 @@ if importlib.util.find_spec("fedmoe") is None:
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from fedmoe.algorithms.fedavg import FedAvg
+from fedmoe.data.federated import client_seed
 from fedmoe.data.sent140 import Sent140DataModule
 from fedmoe.federation.loop import FederatedLoop, Federation
 from fedmoe.federation.recorder import RoundRecorder
@@ -85,8 +97,14 @@ class EngineSide:
         loop.round = r
         self.recorder.log(r, row, images)
         loop.history = self.recorder.history
-        loop.save()
+        loop.checkpoint()
         return {"train": t1 - t0, "log+ckpt": time.perf_counter() - t1}
+
+    def settle(self) -> dict[str, float]:
+        """Wait for the round's background checkpoint; its thread's CPU seconds and the wait."""
+        before, t0 = self.loop.checkpoint_cpu_seconds, time.perf_counter()
+        self.loop.settle_checkpoint()
+        return {"write_cpu": self.loop.checkpoint_cpu_seconds - before, "write_wait": time.perf_counter() - t0}
 
     def close(self) -> None:
         self.recorder.close()
@@ -109,30 +127,48 @@ class BareNet(torch.nn.Module):
         return self.head((hidden * w).sum(1) / w.sum(1).clamp_min(1.0))
 
 
+def bare_batches(ds, seed: int, r: int, cid: int):
+    """Client ``cid``'s batches in round ``r`` as a plain loop draws them: a shuffling ``DataLoader``
+    over row positions, seeded as the engine seeds the client's order (so that both sides train on
+    the same batches, hence the same padded widths), then the token rows cut to their longest."""
+    order = DataLoader(range(len(ds.index)), batch_size=BATCH_SIZE, shuffle=True,
+                       generator=torch.Generator().manual_seed(client_seed(seed, r, cid)))
+    for positions in order:
+        rows = ds.index[positions]
+        lengths = ds.lengths[rows]
+        width = int(lengths.max())
+        ids = ds.input_ids[rows, :width].long()
+        mask = (torch.arange(width) < lengths[:, None]).long()
+        yield ids, mask, ds.labels[rows]
+
+
+def check_same_batches(dm: Sent140DataModule, seed: int) -> None:
+    """Both sides' batches of client 0 in round 1 are the same tokens (not timed)."""
+    engine = [(x["input_ids"], x["attention_mask"], y) for x, y in dm.client_train_loader(0, 1, seed)]
+    bare = list(bare_batches(dm.splits.client_train[0], seed, 1, 0))
+    if len(engine) != len(bare) or not all(torch.equal(a, b) for e, c in zip(engine, bare) for a, b in zip(e, c)):
+        raise SystemExit("text_round: the bare side's batches differ from the engine's; the comparison would be unfair")
+
+
 class BareSide:
     """The same round as a plain loop: local training of every client, then the weighted mean."""
 
-    def __init__(self, datasets, template: dict[str, torch.Tensor]) -> None:
+    def __init__(self, datasets, template: dict[str, torch.Tensor], seed: int) -> None:
         self.net = BareNet()
         self.clients = datasets
+        self.seed = seed
         self.global_weights = {k: v.detach().clone() for k, v in template.items()}
 
     def round(self, r: int) -> dict[str, float]:
         t0 = time.perf_counter()
         net = self.net
         results = []
-        for ds in self.clients:
+        for cid, ds in enumerate(self.clients):
             net.load_state_dict(self.global_weights)
             net.train()
             opt = sgd(net.parameters())
-            order = ds.index[torch.randperm(len(ds.index))]
-            for start in range(0, len(order), BATCH_SIZE):
-                rows = order[start : start + BATCH_SIZE]
-                lengths = ds.lengths[rows]
-                width = int(lengths.max())
-                ids = ds.input_ids[rows, :width].long()
-                mask = (torch.arange(width) < lengths[:, None]).long()
-                loss = F.cross_entropy(net(ids, mask), ds.labels[rows])
+            for ids, mask, labels in bare_batches(ds, self.seed, r, cid):
+                loss = F.cross_entropy(net(ids, mask), labels)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -150,13 +186,20 @@ class BareSide:
         self.global_weights = new
         return {"train": time.perf_counter() - t0}
 
+    def settle(self) -> dict[str, float]:
+        return {"write_cpu": 0.0, "write_wait": 0.0}
 
-def timed(side, r: int, seed: int) -> tuple[float, dict[str, float]]:
+
+def timed(side, r: int, seed: int) -> tuple[float, float, dict[str, float]]:
+    """(wall seconds, CPU seconds, parts) of one round of ``side``; see the module docstring."""
     gc.collect()
     seed_all(seed + r)
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     parts = side.round(r)
-    return time.perf_counter() - t0, parts
+    wall = time.perf_counter() - t0
+    parts.update(side.settle())
+    cpu = time.process_time() - c0
+    return wall + parts["write_cpu"], cpu, parts
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -186,27 +229,32 @@ def main(argv: list[str] | None = None) -> float:
 
     with tempfile.TemporaryDirectory(prefix="text_round_") as tmp:
         engine = EngineSide(dm, args.clients, Path(tmp) / "run")
-        bare = BareSide(datasets, engine.loop.template)
+        bare = BareSide(datasets, engine.loop.template, engine.loop.seed)
+        check_same_batches(dm, engine.loop.seed)
         try:
             r = 1
-            we, _ = timed(engine, r, args.seed)
-            wb, _ = timed(bare, r, args.seed)
-            print(f"warm-up     engine {we:7.3f} s   bare {wb:7.3f} s")
+            we, ce, _ = timed(engine, r, args.seed)
+            wb, cb, _ = timed(bare, r, args.seed)
+            print(f"warm-up     engine {we:7.3f} s (CPU {ce:7.3f})   bare {wb:7.3f} s (CPU {cb:7.3f})")
             rows = []
             for _ in range(args.rounds):
                 r += 1
-                we, pe = timed(engine, r, args.seed)
-                wb, _ = timed(bare, r, args.seed)
-                rows.append((we, wb))
+                we, ce, pe = timed(engine, r, args.seed)
+                wb, cb, _ = timed(bare, r, args.seed)
+                rows.append((we, wb, ce, cb))
                 print(f"round {r:3d}   engine {we:7.3f} s (train+aggregate {pe['train']:.3f}, log and checkpoint "
-                      f"{pe['log+ckpt']:.3f})   bare {wb:7.3f} s   ratio {we / wb:.3f}")
+                      f"{pe['log+ckpt']:.3f}, checkpoint thread CPU {pe['write_cpu']:.3f}, then writing "
+                      f"{pe['write_wait']:.3f})   bare {wb:7.3f} s   ratio {we / wb:.3f}   "
+                      f"CPU engine {ce:7.3f} bare {cb:7.3f} ratio {ce / cb:.3f}   load {os.getloadavg()[0]:.2f}")
         finally:
             engine.close()
 
-    med_e, med_b = (statistics.median(col) for col in zip(*rows))
+    med_e, med_b, cpu_e, cpu_b = (statistics.median(col) for col in zip(*rows))
     ratio = med_e / med_b
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
-    print(f"median of per-round ratios (engine/bare): {statistics.median(e / b for e, b in rows):.3f}")
+    print(f"median of per-round ratios (engine/bare): wall {statistics.median(e / b for e, b, _, _ in rows):.3f}, "
+          f"CPU {statistics.median(e / b for _, _, e, b in rows):.3f}")
+    print(f"CPU time ratio (engine/bare, median): {cpu_e / cpu_b:.3f}")
     print(f"text_round ratio (engine/bare, median): {ratio:.2f}")
     return ratio
 
