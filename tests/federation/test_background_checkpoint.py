@@ -74,6 +74,25 @@ def test_failed_background_write_keeps_the_previous_checkpoint_and_raises_once(t
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+def test_a_wait_interrupted_by_ctrl_c_leaves_the_write_pending(tmp_path, monkeypatch):
+    release = _held_writes(monkeypatch)
+    writer = ck.BackgroundWriter()
+    writer.submit(tmp_path / "last.ckpt", {"round": 1})
+    thread, join = writer._thread, writer._thread.join
+
+    def ctrl_c(*args, **kwargs):
+        thread.join = join
+        raise KeyboardInterrupt
+
+    thread.join = ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        writer.wait()
+    assert writer.pending
+    release.set()
+    writer.wait()
+    assert not writer.pending and ck.load_checkpoint(tmp_path / "last.ckpt")["round"] == 1
+
+
 def _digits_loop(run_dir, rounds: int, **fed) -> FederatedLoop:
     torch.manual_seed(0)
     module = Classifier("digits_cnn", 10, optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))

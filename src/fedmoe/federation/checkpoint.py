@@ -154,10 +154,11 @@ class BackgroundWriter:
             self.cpu_seconds += time.thread_time() - start
 
     def wait(self) -> None:
-        """Block until the pending write is done; raise its error (once) if it failed."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
+        """Block until the pending write is done; raise its error (once) if it failed. A wait
+        interrupted (Ctrl-C) leaves the write pending, to be waited for again."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
         error, self._error = self._error, None
         if error is not None:
             raise error

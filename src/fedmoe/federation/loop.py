@@ -282,14 +282,16 @@ class FederatedLoop:
         already failing) is logged."""
         if not self._writer.pending:
             return
-        written, self._writing = self._writing, None
+        written = self._writing
         try:
             self._writer.wait()
         except Exception as e:
+            self._writing = None
             if raise_error:
                 raise
             log.error("the checkpoint of round %s was not written: %s", written, e)
             return
+        self._writing = None
         self.saved_round = written
 
     @property
