@@ -14,7 +14,7 @@ algos=(fedmoe fedmoe_algorithm1 fedavg fedprox)
 failed=0  # a failed run does not stop the others; the script exits 1 after them
 # Reduced from the paper's settings to fit one CPU core (the presets keep every algorithm option; only
 # these scale knobs change). Sent140: 10 clients of 60 tweets (paper 100 clients), 3 per round,
-# 4 planned rounds (paper 100) of 1 local epoch, tweets cut at 32 tokens (preset 64), D_s 30 tweets
+# 3 planned rounds (paper 100) of 1 local epoch, tweets cut at 32 tokens (preset 64), D_s 30 tweets
 # per class (paper 500), validation 50 per class (250), probe 10 per class (100), the 4,000-tweet
 # subsample of the pool; the folder preset trains gate and experts for 1 server epoch per round
 # (its code: 2). Yelp: 10 clients of 40 reviews (paper 100), 3 per round, 5 planned rounds as the
@@ -23,7 +23,7 @@ failed=0  # a failed run does not stop the others; the script exits 1 after them
 # 300 reviews of the test file.
 sent140=(--data.data_dir "$data/sent140" --data.num_clients 10 --data.client_size 60 --data.max_length 32
          --data.max_train_samples 4000 --data.server_per_class "[30, 30]" --data.val_per_class 50
-         --data.probe_per_class 10 --federation.clients_per_round 3 --federation.rounds 4
+         --data.probe_per_class 10 --federation.clients_per_round 3 --federation.rounds 3
          --trainer.max_epochs 1 --federation.progress false)
 yelp=(--data.data_dir "$data/yelp" --data.num_clients 10 --data.client_size 40 --data.max_length 48
       --data.max_train_samples 2000 --data.max_test_samples 300 --data.server_per_class 10
