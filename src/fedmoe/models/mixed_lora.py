@@ -104,12 +104,13 @@ def _stack(layers: dict[str, nn.Module], rows: list[tuple[str, ...]]) -> Stacks:
             _check_layer(name, module, present)
             per_key = {key: _factors(module, key) for key in dict.fromkeys(rows)}
             rank = max(f[0].shape[0] for f in per_key.values() if f is not None)
+            a0, b0 = module.lora_A[present[0]].weight, module.lora_B[present[0]].weight
             for key, f in per_key.items():
-                if f is None:
-                    w = module.lora_A[present[0]].weight
-                    per_key[key] = (w.new_zeros(rank, w.shape[1]), w.new_zeros(module.lora_B[present[0]].weight.shape[0], rank))
-                elif f[0].shape[0] < rank:
-                    per_key[key] = (F.pad(f[0], (0, 0, 0, rank - f[0].shape[0])), F.pad(f[1], (0, rank - f[1].shape[1])))
+                if f is None:  # the base alone in this layer
+                    per_key[key] = (a0.new_zeros(rank, a0.shape[1]), b0.new_zeros(b0.shape[0], rank))
+                elif f[0].shape[0] < rank:  # zero rows of A, zero columns of B
+                    pad = rank - f[0].shape[0]
+                    per_key[key] = (F.pad(f[0], (0, 0, 0, pad)), F.pad(f[1], (0, pad)))
             a_rows = torch.stack([per_key[key][0] for key in rows]).transpose(1, 2).contiguous()
             b_rows = torch.stack([per_key[key][1] for key in rows]).transpose(1, 2).contiguous()
             out[name] = (a_rows, b_rows)
