@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Fed-MoE (the released folder's preset and Algorithm 1), FedAvg and FedProx on the real FEMNIST and
 # CIFAR-10 samples at CPU scale, one run after another on one torch thread (docs/results.md).
-#   bash experiments/samples.sh [DATA_ROOT] [RUNS_ROOT] [DATA SETS]
+#   bash experiments/samples.sh [DATA_ROOT] [RUNS_ROOT] [DATA SETS] [EXTRA ARGUMENTS...]
 # DATA_ROOT holds femnist/ and cifar10/ (default ../shared/data); runs go to RUNS_ROOT/<data set>/<algo>;
 # DATA SETS is "femnist cifar10" (default) or one of them.
+# EXTRA ARGUMENTS go to every run, e.g. --ckpt_path last with a higher --federation.rounds extends
+# finished runs (bit-identical on CPU to running the higher number of rounds at once).
 # The Sent140 and Yelp samples: experiments/samples_text.sh.
 set -euo pipefail
 data=${1:-../shared/data}
 runs=${2:-runs/samples}
 sets=${3:-femnist cifar10}
+more=("${@:4}")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 algos=(fedmoe fedmoe_algorithm1 fedavg fedprox)
 failed=0  # a failed run does not stop the others; the script exits 1 after them
@@ -36,7 +39,7 @@ for set in $sets; do
       echo "unknown data set $set (femnist or cifar10)" >&2; exit 2
     fi
     python -m fedmoe.cli fit --config "experiments/$set/$algo.yaml" "${extra[@]}" \
-      --trainer.default_root_dir "$runs/$set/$algo" || { echo "$set/$algo failed" >&2; failed=1; }
+      --trainer.default_root_dir "$runs/$set/$algo" "${more[@]}" || { echo "$set/$algo failed" >&2; failed=1; }
   done
 done
 exit $failed
