@@ -15,6 +15,9 @@ Sides:
                   order and augmentation come from (seed, round, client id)) and the same
                   sample-weighted mean, accumulated in the engine's order: bit-identical to ours
   ours            FederatedLoop with the sequential executor, ``--threads`` torch threads
+  ours-parallel   FederatedLoop with the parallel executor on ``cpu:2`` (two persistent worker
+                  processes, one torch thread each: what flower-1thread does with two Ray actors);
+                  bit-identical to ``ours`` at ``--threads 1``
   pfl             pfl-research 0.6.0 as its docstrings describe it: ``FederatedAveraging`` on a
                   ``SimulatedBackend`` with ``WeightByDatapoints``, a ``PyTorchModel`` (local SGD
                   0.05, central SGD lr 1.0 on the averaged model difference), a ``FederatedDataset``
@@ -60,7 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("fedmoe") is None:
     sys.path.insert(0, str(REPO / "src"))
 
-SIDES = ("bare", "ours", "pfl", "flower-default", "flower-1thread")
+SIDES = ("bare", "ours", "ours-parallel", "pfl", "flower-default", "flower-1thread")
 
 
 def job_config(args, folder: Path) -> Path:
@@ -205,7 +208,7 @@ def run_side(side: str, config: str, threads: int, weights_out: str | None = Non
     from fedmoe.flower.strategy import weights_digest
 
     weights = None
-    if side in ("bare", "ours", "pfl"):
+    if side in ("bare", "ours", "ours-parallel", "pfl"):
         torch.set_num_threads(threads)
     if side == "pfl":
         import pfl.aggregate.simulate
@@ -227,9 +230,9 @@ def run_side(side: str, config: str, threads: int, weights_out: str | None = Non
         t0 = time.perf_counter()
         weights = bare_fedavg(build_job(config))
         seconds = time.perf_counter() - t0
-    elif side == "ours":
+    elif side in ("ours", "ours-parallel"):
         t0 = time.perf_counter()
-        job = build_job(config)
+        job = build_job(config, ["--federation.executor", "parallel"] if side == "ours-parallel" else [])
         loop = FederatedLoop(job.federation, job.module, job.datamodule, settings=job.settings, run_dir=job.run_dir,
                              seed=job.seed)
         loop.fit()
