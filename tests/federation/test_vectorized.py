@@ -153,13 +153,7 @@ def test_optimizer_updates_equal_torch_optim_on_the_same_gradients(make):
             m.weight.grad, m.bias.grad = grads["weight"][i].clone(), grads["bias"][i].clone()
             opts[i].step()
         opt.step(keys, [train[k] for k in keys], [grads[k] for k in keys], slice(0, 2))
-    for i, m in enumerate(ref):
-        torch.testing.assert_close(train["weight"][i], m.weight.detach(), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(train["bias"][i], m.bias.detach(), atol=1e-6, rtol=1e-6)
-        saved = opt.client_state(i, pin=False)["state"]
-        for j, entry in opts[i].state_dict()["state"].items():
-            for name, value in entry.items():
-                torch.testing.assert_close(saved[j][name], value, atol=1e-6, rtol=1e-6)
+    _assert_rows_equal_torch_optim(ref, opts, train, opt)
 
 
 @pytest.mark.parametrize("make, kernel", [
@@ -189,6 +183,11 @@ def test_clients_at_the_same_step_are_updated_by_one_fused_cpu_kernel_equal_to_t
             opts[i].step()
         opt.step(keys, [train[k] for k in keys], [grads[k] for k in keys], slice(0, 2))
     assert len(calls) == 3
+    _assert_rows_equal_torch_optim(ref, opts, train, opt)
+
+
+def _assert_rows_equal_torch_optim(ref: list[nn.Module], opts: list, train: dict, opt) -> None:
+    """Each client's row of the stacked weights and optimizer state equals its torch.optim twin."""
     for i, m in enumerate(ref):
         torch.testing.assert_close(train["weight"][i], m.weight.detach(), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(train["bias"][i], m.bias.detach(), atol=1e-6, rtol=1e-6)
