@@ -264,13 +264,12 @@ class FederatedLoop:
         """
         self.settle_checkpoint()
         summary = self._summary_json() if self.fed.write_logs else None
-        payload = None if self.store.root is not None or self.settings.distributed else self.state_dict()
-        if payload is not None and ckpt_io.tensor_bytes(payload) <= self.fed.clients_per_round * num_bytes(self.template):
+        payload = self.state_dict()
+        background = self.store.root is None and not self.settings.distributed
+        if background and ckpt_io.tensor_bytes(payload) <= self.fed.clients_per_round * num_bytes(self.template):
             self._writer.submit(self.ckpt_path, payload, then=lambda: self._write_summary(summary))
             self._writing = self.round
             return
-        if payload is None:
-            payload = self.state_dict()
         ckpt_io.save_checkpoint(self.ckpt_path, payload)
         self.store.commit()
         self.saved_round = self.round
