@@ -13,6 +13,10 @@ v 896->128, o 896->896, rank 16, float32, random tensors, unequal sample counts.
 
 - ``fedex (factors only)``: FedIT plus the residual's factors U, V, not folded: what the server
   pays when the clients fold the broadcast factors themselves.
+- ``fold alone``: only ``W += s U V`` in place, the factors computed beforehand: the dense
+  d_out x d_in x (m-1) r product that every exact fold of a dense base performs, whatever computes
+  the factors. Its time over FedIT's is a floor for any in-place fold's ratio on this machine; the
+  summary gives its multiply-adds and the rate it ran at.
 
 Time: median of ``--reps`` repetitions, the methods interleaved within each repetition, with the
 default allocator. Memory: measured in a second process, peak resident set size during the call
@@ -44,7 +48,7 @@ from typing import Callable
 import torch
 
 from fedmoe.algorithms.lora import fedex_aggregate, fedit_aggregate
-from fedmoe.algorithms.lora.common import residual_factors
+from fedmoe.algorithms.lora.common import fold, residual_factors
 from fedmoe.algorithms.lora.layout import LoRALayer
 from procstatus import status  # benchmarks/procstatus.py (this script's folder)
 
@@ -97,6 +101,19 @@ def factors_only(state, uploads, samples, records):
     return new, factors
 
 
+def precomputed_factors(state, uploads, samples, records):
+    """Each layer's residual factors (U, V), as ``fedex_aggregate`` computes them."""
+    return factors_only(state, uploads, samples, records)[1]
+
+
+def fold_alone(state, factors, records):
+    """Only the folds, in place: base += s U V per layer."""
+    for rec in records:
+        u, v = factors[rec.name]
+        fold(state[rec.base_key], u, v, rec.scaling, rec.fan_in_fan_out, inplace=True)
+    return state
+
+
 def on_device(built, device: torch.device):
     records, state, uploads, samples = built
     move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
@@ -138,12 +155,14 @@ def run(args: argparse.Namespace, memory: bool) -> dict[str, list[float]]:
     def fresh():
         scratch["state"] = {**state, **{k: v.clone() for k, v in bases.items()}}
 
+    factors = precomputed_factors(state, uploads, samples, records)
     methods: dict[str, Callable[[], object]] = {
         "fedit": lambda: fedit_aggregate(state, uploads, samples, records),
         "fedex": lambda: fedex_aggregate(state, uploads, samples, records),
         "fedex (in place)": lambda: fedex_aggregate(scratch["state"], uploads, samples, records, inplace=True),
         "fedex (factors only)": lambda: factors_only(state, uploads, samples, records),
         "fedex (naive)": lambda: naive_fedex(state, uploads, samples, records),
+        "fold alone (in place, factors given)": lambda: fold_alone(scratch["state"], factors, records),
     }
     out: dict[str, list[float]] = {m: [] for m in methods}
     fresh()
@@ -189,7 +208,11 @@ def main() -> None:
     print(f"{args.clients} clients, {args.layers} layers x (q, k, v, o), rank {args.rank}, float32; one client's "
           f"upload {adapters / 2**20:.1f} MiB, adapted base weights {base / 2**20:.1f} MiB; torch {torch.__version__}, "
           f"{where(args.device)}; median of {args.reps}")
-    print(f"max |factored - naive| over the folded base weights: {err:.2e}\n")
+    print(f"max |factored - naive| over the folded base weights: {err:.2e}")
+    factors = precomputed_factors(state, uploads, samples, records)
+    macs = sum(factors[r.name][0].shape[0] * factors[r.name][0].shape[1] * factors[r.name][1].shape[1] for r in records)
+    fold_s = statistics.median(times["fold alone (in place, factors given)"])
+    print(f"the fold's dense products: {macs / 1e9:.2f} G multiply-adds, run at {2 * macs / fold_s / 1e9:.1f} GFLOP/s\n")
     ref_t, ref_m = statistics.median(times["fedit"]), statistics.median(peaks["fedit"])
     memory = "peak CUDA allocation delta" if args.device.type == "cuda" else "peak RSS delta"
     print(f"| method | time (ms) | time / FedIT | {memory} (MiB) | memory / FedIT |")

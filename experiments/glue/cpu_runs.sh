@@ -27,7 +27,7 @@ run() {  # run DIR RULE ARGS...: one fit into DIR (skipped when finished, resume
     && echo "done  $dir" || echo "FAILED $dir (see $dir.log)"
 }
 
-throttle() { while (( $(jobs -rp | wc -l) >= 2 )); do wait -n; done; }
+throttle() { while (( $(jobs -rp | wc -l) >= ${JOBS:-2} )); do wait -n; done; }  # JOBS=1: one run at a time
 
 sst2() { run "$OUT/sst2_$1/$2" "$2" --data.init_args.partition "$1"; }
 rank() { run "$OUT/sst2_iid/fedex_r$1" fedex --data.init_args.partition iid \
@@ -48,4 +48,21 @@ for rule in fedex_vera sorf_vera; do  # and on the Dirichlet split
   throttle; run "$OUT/sst2_dirichlet/${rule}_lr1e-2" $rule --data.init_args.partition dirichlet \
     --model.optimizer.init_args.lr 0.01 &
 done
+wait
+
+# The rules still rising at round 8 (and FedIT as the reference), continued to 24 rounds on the IID
+# split: each copies its finished 8-round run and resumes it, so rounds 1-8 are the runs above.
+settle() {  # settle NAME [ARGS...]: runs/.../sst2_iid/NAME -> NAME_r24, resumed up to 24 rounds
+  local name=$1 src="$OUT/sst2_iid/$1" dst="$OUT/sst2_iid/$1_r24"; shift
+  grep -qs '"rounds": 24,' "$dst/summary.json" && return 0
+  [[ -d $dst ]] || cp -r "$src" "$dst"
+  echo "start $dst"
+  python -m fedmoe.cli fit --config "experiments/glue/${name%_lr1e-2}.yaml" "${COMMON[@]}" --data.init_args.partition iid \
+    "$@" --federation.rounds 24 --trainer.default_root_dir "$dst" --ckpt_path last >> "$dst.log" 2>&1 \
+    && echo "done  $dst" || echo "FAILED $dst (see $dst.log)"
+}
+settle flora & throttle; settle ffa & throttle
+settle fedex_vera_lr1e-2 --model.optimizer.init_args.lr 0.01 & throttle
+settle sorf_vera_lr1e-2 --model.optimizer.init_args.lr 0.01 & throttle
+settle fedit &
 wait
