@@ -50,7 +50,7 @@ for rule in fedex_vera sorf_vera; do  # and on the Dirichlet split
 done
 wait
 
-# The rules still rising at round 8 (and FedIT as the reference), continued to 24 rounds on the IID
+# The rules still rising at round 8 (and FedIT and FedEx-LoRA as the reference), continued to 24 rounds on the IID
 # split: each copies its finished 8-round run and resumes it, so rounds 1-8 are the runs above.
 settle() {  # settle NAME [ARGS...]: runs/.../sst2_iid/NAME -> NAME_r24, resumed up to 24 rounds
   local name=$1 src="$OUT/sst2_iid/$1" dst="$OUT/sst2_iid/$1_r24"; shift
@@ -64,5 +64,6 @@ settle() {  # settle NAME [ARGS...]: runs/.../sst2_iid/NAME -> NAME_r24, resumed
 settle flora & throttle; settle ffa & throttle
 settle fedex_vera_lr1e-2 --model.optimizer.init_args.lr 0.01 & throttle
 settle sorf_vera_lr1e-2 --model.optimizer.init_args.lr 0.01 & throttle
-settle fedit &
+settle fedit & throttle
+settle fedex &
 wait
