@@ -50,20 +50,23 @@ for rule in fedex_vera sorf_vera; do  # and on the Dirichlet split
 done
 wait
 
-# The rules still rising at round 8 (and FedIT and FedEx-LoRA as the reference), continued to 24 rounds on the IID
-# split: each copies its finished 8-round run and resumes it, so rounds 1-8 are the runs above.
-settle() {  # settle NAME [ARGS...]: runs/.../sst2_iid/NAME -> NAME_r24, resumed up to 24 rounds
-  local name=$1 src="$OUT/sst2_iid/$1" dst="$OUT/sst2_iid/$1_r24"; shift
+# The rules still rising at round 8 (and FedIT and FedEx-LoRA as the reference), continued to 24 rounds, IID and
+# then Dirichlet(0.5): each copies its finished 8-round run and resumes it, so rounds 1-8 are the runs above.
+settle() {  # settle SPLIT NAME [ARGS...]: runs/.../sst2_SPLIT/NAME -> NAME_r24, resumed up to 24 rounds
+  local split=$1 name=$2 src="$OUT/sst2_$1/$2" dst="$OUT/sst2_$1/$2_r24"; shift 2
   grep -qs '"rounds": 24,' "$dst/summary.json" && return 0
   [[ -d $dst ]] || cp -r "$src" "$dst"
   echo "start $dst"
-  python -m fedmoe.cli fit --config "experiments/glue/${name%_lr1e-2}.yaml" "${COMMON[@]}" --data.init_args.partition iid \
+  python -m fedmoe.cli fit --config "experiments/glue/${name%_lr1e-2}.yaml" "${COMMON[@]}" --data.init_args.partition "$split" \
     "$@" --federation.rounds 24 --trainer.default_root_dir "$dst" --ckpt_path last >> "$dst.log" 2>&1 \
     && echo "done  $dst" || echo "FAILED $dst (see $dst.log)"
 }
-settle flora & throttle; settle ffa & throttle
-settle fedex_vera_lr1e-2 --model.optimizer.init_args.lr 0.01 & throttle
-settle sorf_vera_lr1e-2 --model.optimizer.init_args.lr 0.01 & throttle
-settle fedit & throttle
-settle fedex &
+for split in iid dirichlet; do
+  settle $split flora & throttle; settle $split ffa & throttle
+  settle $split fedex_vera_lr1e-2 --model.optimizer.init_args.lr 0.01 & throttle
+  settle $split sorf_vera_lr1e-2 --model.optimizer.init_args.lr 0.01 & throttle
+  settle $split fedit & throttle
+  settle $split fedex & throttle
+done
+for rule in fedsa hetlora; do settle dirichlet $rule & throttle; done
 wait
