@@ -84,6 +84,27 @@ def test_proximal_term_gradient_is_mu_times_difference():
     assert not anchor["weight"].requires_grad
 
 
+@pytest.mark.parametrize("mu,scale", [(0.01, 1.0), (0.3, 1 / 3), (1e4, 0.5)])
+def test_proximal_term_gradient_is_bitwise_the_plain_formulas(mu, scale):
+    """The fused autograd node adds to each gradient exactly what the per-parameter formula adds,
+    beside a data loss and under a scaled loss (gradient accumulation)."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
+    anchor = {k: v + 0.1 * torch.randn_like(v) for k, v in net.state_dict().items()}
+    x, y = torch.randn(4, 7), torch.tensor([0, 2, 1, 2])
+    grads, values = [], []
+    for fused in (True, False):
+        net.zero_grad(set_to_none=True)
+        term = ProximalTerm(anchor, mu)
+        value = term(net) if fused else term.formula(net)
+        ((nn.functional.cross_entropy(net(x), y) + value) * scale).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+        values.append(value.detach())
+    for fused, plain in zip(*grads):
+        assert torch.equal(fused, plain)
+    torch.testing.assert_close(values[0], values[1])
+
+
 def test_proximal_term_skips_frozen_parameters():
     torch.manual_seed(2)
     net = nn.Linear(3, 2)

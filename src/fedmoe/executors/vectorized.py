@@ -192,7 +192,7 @@ class Vectorized(Executor):
                 per = F.cross_entropy(out, y, label_smoothing=smoothing, reduction="none")
             loss = per.mean() if w is None else (per * w).sum()
             if regularizer is not None:
-                loss = loss + regularizer(_ParamView(params))
+                loss = loss + regularizer.formula(_ParamView(params))
             return loss, loss.detach()
 
         try:
