@@ -83,6 +83,17 @@ def test_fit_writes_config_metrics_events_checkpoint_and_summary(tmp_path, capsy
                 "comm/bytes_up", "comm/bytes_down"):
         assert tag in scalars, tag
     assert {"fedmoe/W_r", "fedmoe/W_c"} <= set(acc.Tags()["images"])
+    import pandas as pd
+
+    matrices = pd.read_csv(run / "matrices.csv")
+    sampled = sorted(int(c) for c in str(pd.read_csv(run / "metrics.csv")["clients"][0]).split())
+    for key, normalised_over in (("fedmoe/W_r", "row"), ("fedmoe/W_c", "column")):
+        m = matrices[matrices["matrix"] == key]
+        assert set(m["round"]) == {1} and sorted(set(m["client"])) == sampled, key
+        for client, column in zip(m["client"], m["column"]):
+            assert client == sampled[column]
+        sums = m.groupby(normalised_over)["value"].sum()  # W_r: a distribution over clients per expert
+        assert len(sums) > 1 and all(abs(v - 1) < 1e-6 for v in sums), (key, sums)
 
 
 def test_resumed_run_is_bit_identical_and_keeps_the_time_and_record_of_all_sessions(tmp_path, full2):
@@ -93,6 +104,7 @@ def test_resumed_run_is_bit_identical_and_keeps_the_time_and_record_of_all_sessi
     assert_same_run(load_checkpoint(full2 / "checkpoints" / "last.ckpt"), load_checkpoint(cut / "checkpoints" / "last.ckpt"))
     csv = (cut / "metrics.csv").read_text().strip().splitlines()
     assert [ln.split(",")[0] for ln in csv[1:]] == ["1", "2"]
+    assert (cut / "matrices.csv").read_text() == (full2 / "matrices.csv").read_text()
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["rounds"] == 2 and len(summary["sessions"]) == 2
     assert summary["seconds"] > first["seconds"]

@@ -163,6 +163,7 @@ class FederatedLoop:
         """Seconds spent in rounds over all sessions of the run (up to the last checkpoint, then this one)."""
         self.sessions: list[dict[str, Any]] = []
         """One record per ``fit`` call that ran rounds: start time, rounds, seconds, resumed-from."""
+        self._columns: list[int] = []  # the last round's aggregated clients: the columns of its matrices
         self.saved_round: int | None = None
         self.loaded_round: int | None = None
         self._writer = ckpt_io.BackgroundWriter()
@@ -352,12 +353,13 @@ class FederatedLoop:
         try:
             while self.round < self.fed.rounds:
                 row, images = self.run_round(self.round + 1)
+                columns = self._columns
                 self.round += 1
                 if self.round == session["first_round"] and self.fed.write_logs:
                     if config_yaml is not None:
                         ckpt_io.atomic_write_text(self.run_dir / "config.yaml", self._sessions_header() + config_yaml)
                 if recorder is not None:
-                    recorder.log(self.round, row, images)
+                    recorder.log(self.round, row, images, columns)
                     self.history = recorder.history
                 else:
                     self.history = [*self.history, {"round": self.round, **row}]
@@ -436,6 +438,7 @@ class FederatedLoop:
                 f"round {r}: only {len(results)} of {len(ids)} clients survived (federation.min_clients="
                 f"{self.fed.min_clients}); dropped: {'; '.join(dropped)}"
             )
+        self._columns = [res.client_id for res in results]  # the clients of a logged matrix's columns
         bytes_up = sum(self.algo.upload_bytes(res) for res in results)
         self.state = self.algo.aggregate(self.state, results, self.ctx)
         synced = self.algo.sync(self.state, results, self.ctx)

@@ -1,4 +1,5 @@
-"""Per-round records: TensorBoard scalars and images, and ``metrics.csv`` (one row per round)."""
+"""Per-round records: TensorBoard scalars and images, ``metrics.csv`` (one row per round) and, for
+algorithms that log matrices (Fed-MoE's W_r and W_c), ``matrices.csv`` (one row per entry)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ class RoundRecorder:
         run_dir: the run's folder (one TensorBoard run).
         start_round: rounds already done; on resume, TensorBoard events after it are purged.
         history: rows of earlier rounds (from a checkpoint), kept in ``metrics.csv``.
-        tensorboard: write TensorBoard events (``trainer.logger``); ``metrics.csv`` is always written.
+        tensorboard: write TensorBoard events (``trainer.logger``); ``metrics.csv`` is always written,
+            and ``matrices.csv`` (columns round, matrix, row, column, client, value) once a round
+            logs a matrix; on resume its rows after ``start_round`` are dropped, as TensorBoard's.
         every: write TensorBoard events every this many rounds (``trainer.log_every_n_steps``) and at
             ``last_round``.
         last_round: the run's last round.
@@ -44,6 +47,17 @@ class RoundRecorder:
         self.last_round = last_round
         self.writer = None
         self.history: list[dict[str, Any]] = list(history or [])
+        self.matrices = self._earlier_matrices()
+
+    def _earlier_matrices(self):
+        """Rows of ``matrices.csv`` up to ``start_round`` (a resumed run's), or None."""
+        path = self.run_dir / "matrices.csv"
+        if not (self.start_round and path.is_file()):
+            return None
+        import pandas as pd
+
+        rows = pd.read_csv(path)
+        return rows[rows["round"] <= self.start_round].reset_index(drop=True)
 
     def _writer(self):
         if self.writer is None:
@@ -54,7 +68,9 @@ class RoundRecorder:
             self.writer = SummaryWriter(str(self.run_dir), purge_step=purge)
         return self.writer
 
-    def log(self, round_idx: int, scalars: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
+    def log(self, round_idx: int, scalars: dict[str, Any], images: dict[str, torch.Tensor] | None = None,
+            columns: list[int] | None = None) -> None:
+        """One round's scalars and matrices; ``columns``: the client id of each matrix column."""
         if self.tensorboard and (round_idx % self.every == 0 or round_idx == self.last_round):
             writer = self._writer()
             for key, value in scalars.items():
@@ -65,6 +81,25 @@ class RoundRecorder:
             writer.flush()
         self.history.append({"round": round_idx, **scalars})
         self.write_csv()
+        if images:
+            self.write_matrices(round_idx, images, columns)
+
+    def write_matrices(self, round_idx: int, images: dict[str, torch.Tensor], columns: list[int] | None) -> None:
+        import pandas as pd
+
+        frames = [] if self.matrices is None else [self.matrices]
+        for key, matrix in images.items():
+            m = matrix.detach().double().cpu().numpy()
+            rows, cols = m.shape
+            ids = columns if columns is not None and len(columns) == cols else [None] * cols
+            frames.append(pd.DataFrame({
+                "round": round_idx, "matrix": key, "row": [i for i in range(rows) for _ in range(cols)],
+                "column": list(range(cols)) * rows, "client": ids * rows, "value": m.reshape(-1),
+            }))
+        self.matrices = pd.concat(frames, ignore_index=True)
+        buf = io.StringIO()
+        self.matrices.to_csv(buf, index=False)
+        atomic_write_text(self.run_dir / "matrices.csv", buf.getvalue())
 
     def write_csv(self) -> None:
         import pandas as pd
