@@ -26,9 +26,8 @@ class ProximalTerm:
 
     def _pairs(self, module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         net = getattr(module, "net", module)
-        params = [p for _, p in _trainable(net)]
-        anchors = [self.anchor[name].to(p.device, p.dtype) for name, p in _trainable(net)]
-        return params, anchors
+        named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+        return [p for _, p in named], [self.anchor[name].to(p.device, p.dtype) for name, p in named]
 
     def __call__(self, module: nn.Module) -> torch.Tensor:
         params, anchors = self._pairs(module)
@@ -42,10 +41,6 @@ class ProximalTerm:
         if not params:
             return torch.zeros(())
         return 0.5 * self.mu * torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchors)]).sum()
-
-
-def _trainable(net) -> list[tuple[str, torch.Tensor]]:
-    return [(name, p) for name, p in net.named_parameters() if p.requires_grad]
 
 
 class _Proximal(torch.autograd.Function):

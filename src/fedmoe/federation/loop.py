@@ -353,13 +353,12 @@ class FederatedLoop:
         try:
             while self.round < self.fed.rounds:
                 row, images = self.run_round(self.round + 1)
-                columns = self._columns
                 self.round += 1
                 if self.round == session["first_round"] and self.fed.write_logs:
                     if config_yaml is not None:
                         ckpt_io.atomic_write_text(self.run_dir / "config.yaml", self._sessions_header() + config_yaml)
                 if recorder is not None:
-                    recorder.log(self.round, row, images, columns)
+                    recorder.log(self.round, row, images, self._columns)
                     self.history = recorder.history
                 else:
                     self.history = [*self.history, {"round": self.round, **row}]
