@@ -103,6 +103,17 @@ def test_digits_cnn_matches_sequential_with_unequal_clients(optimizer, compute):
     _assert_close(seq, vec, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_on_a_gpu_vmap_matches_sequential_with_unequal_clients(optimizer):
+    dm = DigitsDataModule(num_clients=3, batch_size=32, min_client_size=10)
+    settings = RunnerSettings(accelerator="cuda", max_epochs=1)
+    seq = _run(Sequential(), "digits_cnn", optimizer, dm, settings)
+    vec = _run(Vectorized(compute="vmap"), "digits_cnn", optimizer, dm, settings)
+    assert all(t.device.type == "cpu" for o in vec for t in o.result.weights.values())
+    _assert_close(seq, vec, atol=1e-4)
+
+
 def _random_leaf(root: Path, sizes: list[int]) -> None:
     """LEAF JSON with random pixels: one train file of writers w0.. with ``sizes`` samples, and a test file."""
     g = torch.Generator().manual_seed(0)
