@@ -4,7 +4,7 @@
 # on one GPU (vectorized against sequential, and the parallel executor with one worker on GPU 0).
 # Each step has its own time limit and log; a failing step does not stop the others. Run it from
 # the repository root with the FEMNIST LEAF folder (train/ and test/), on a machine whose python
-# has torch with CUDA and this project's requirements (or PYTHONPATH=src):
+# has torch with CUDA and this project's requirements (PYTHON names another interpreter than python3):
 #   bash benchmarks/device_checks.sh data/femnist runs/device_checks
 # DEVICE=cpu CLIENTS=4 REPS=1 runs the same steps on the CPU at a small size, to check the script.
 set -uo pipefail
@@ -13,6 +13,7 @@ OUT=${2:-runs/device_checks}
 DEVICE=${DEVICE:-cuda}
 CLIENTS=${CLIENTS:-100}
 REPS=${REPS:-7}
+PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
@@ -20,7 +21,7 @@ if [[ ! -d $DATA/train ]]; then
   echo "error: $DATA has no train/ folder; give the FEMNIST LEAF folder as the first argument" >&2
   exit 2
 fi
-if [[ $DEVICE == cuda ]] && ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+if [[ $DEVICE == cuda ]] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "error: torch sees no CUDA GPU here; run on a GPU machine (or DEVICE=cpu to check the script)" >&2
   exit 2
 fi
@@ -39,19 +40,19 @@ step() {  # step NAME SECONDS COMMAND...: run one check into OUT/NAME.log, repor
 {
   date -u +"%Y-%m-%d %H:%M:%S UTC"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  python -c "import torch, lightning, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+  "$PY" -c "import torch, lightning, transformers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 '| lightning', lightning.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
 } 2>&1 | tee "$OUT/machine.log"
 
 if [[ $DEVICE == cuda ]]; then
-  step cuda_tests 300 python -m pytest -q -p no:cacheprovider tests/experts/test_workers.py tests/federation/test_parallel.py \
-    tests/executors -k "gpu or cuda or vectorized"
+  step cuda_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/experts/test_workers.py tests/federation/test_parallel.py \
+    tests/federation/test_vectorized.py
 fi
-step lora_aggregation 300 python benchmarks/lora_aggregation.py --device "$DEVICE" --reps "$REPS"
-step executors_vectorized 420 python benchmarks/executors.py --data-dir "$DATA" --clients "$CLIENTS" --device "$DEVICE" \
+step lora_aggregation 300 "$PY" benchmarks/lora_aggregation.py --device "$DEVICE" --reps "$REPS"
+step executors_vectorized 420 "$PY" benchmarks/executors.py --data-dir "$DATA" --clients "$CLIENTS" --device "$DEVICE" \
   --parallel-devices none --rounds 2
 if [[ $DEVICE == cuda ]]; then
-  step executors_parallel_gpu 420 python benchmarks/executors.py --data-dir "$DATA" --clients "$CLIENTS" --device cuda \
+  step executors_parallel_gpu 420 "$PY" benchmarks/executors.py --data-dir "$DATA" --clients "$CLIENTS" --device cuda \
     --parallel-devices 0 --rounds 2
 fi
 exit $status
