@@ -5,7 +5,9 @@ Each run folder holds ``metrics.csv`` (one row per round), ``summary.json`` and 
 at the best validation round (lowest validation loss, or the data set's monitored metric such as
 GLUE's Matthews correlation), the best test accuracy seen, client accuracy and time.
 ``--lora`` prints the adapter table instead: rule, rank, bytes per round, score at the best
-validation round (a rank sweep's communication/accuracy trade-off).
+validation round (a rank sweep's communication/accuracy trade-off). ``--at 8,16,24`` adds the test
+metric at those rounds and ``--mean-from 17`` its mean over rounds 17 to the last, to both tables:
+whether a curve has settled, read off a late window rather than one round.
 ``--paper`` prints and saves the Fed-MoE paper's table (src/fedmoe/paper.py) with the runs beside
 it, matched to its cells by data set, number of clients and algorithm: see docs/paper.md.
 ``--experts`` reads folders of ``python -m fedmoe.cli experts`` (``metrics_<expert>.csv``): per run
@@ -68,8 +70,34 @@ def best_row(m: pd.DataFrame, monitor: tuple[str, str]) -> pd.Series | None:
     return evaluated.loc[index]
 
 
-def summarise(run_dirs: list[str | Path]) -> pd.DataFrame:
-    """One row per run: rounds, final / best-validation / max server test accuracy, client accuracy."""
+def parse_rounds(text: str, option: str = "--at") -> list[int]:
+    """``"8,16,24"`` -> ``[8, 16, 24]``; anything but positive whole numbers is an error naming ``option``."""
+    try:
+        rounds = [int(part) for part in text.split(",")]
+    except ValueError:
+        rounds = []
+    if not rounds or min(rounds) < 1:
+        example = "8,16,24" if option == "--at" else "17"
+        raise FedMoEError(f"{option} takes round numbers of 1 or more, such as {example}; got {text!r}")
+    return rounds
+
+
+def round_columns(m: pd.DataFrame, column: str, label: str, at: list[int] = (),
+                  mean_from: int | None = None) -> dict[str, float]:
+    """``column`` at each round of ``at`` (NaN where that round was not evaluated) and, with
+    ``mean_from``, its mean over the evaluated rounds from ``mean_from`` to the run's last."""
+    values = m.dropna(subset=[column]).set_index("round")[column] if column in m else pd.Series(dtype=float)
+    cells = {f"{label}, round {r}": float(values.get(r, float("nan"))) for r in at}
+    if mean_from is not None:
+        last = int(m["round"].max())
+        window = values[values.index >= mean_from]
+        cells[f"{label}, mean of rounds {mean_from}-{last}"] = float(window.mean()) if len(window) else float("nan")
+    return cells
+
+
+def summarise(run_dirs: list[str | Path], at: list[int] = (), mean_from: int | None = None) -> pd.DataFrame:
+    """One row per run: rounds, final / best-validation / max server test accuracy, client accuracy;
+    with ``at`` / ``mean_from`` also the test accuracy at those rounds and its mean from a round on."""
     rows = []
     for run_dir in run_dirs:
         m = load_run(run_dir)
@@ -84,6 +112,7 @@ def summarise(run_dirs: list[str | Path]) -> pd.DataFrame:
             "test acc (best val)": best["server/test_acc"] if best is not None else float("nan"),
             "best val round": int(best["round"]) if best is not None else None,
             "test acc (max)": evaluated["server/test_acc"].max() if len(evaluated) else float("nan"),
+            **round_columns(m, "server/test_acc", "test acc", at, mean_from),
             "client acc (last)": m["clients/acc_mean"].iloc[-1] if "clients/acc_mean" in m else float("nan"),
             "minutes": m["time/round_s"].sum() / 60 + m.get("time/eval_s", pd.Series([0.0])).sum() / 60,
         })
@@ -100,9 +129,10 @@ def _config(run_dir: str | Path) -> dict:
     return cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
 
 
-def lora_table(run_dirs: list[str | Path]) -> pd.DataFrame:
+def lora_table(run_dirs: list[str | Path], at: list[int] = (), mean_from: int | None = None) -> pd.DataFrame:
     """One row per adapter run: rule, rank, mean bytes up / down per round (all clients), the
-    monitored test metric at the best validation round, and the client mean of that metric."""
+    monitored test metric at the best validation round (and, with ``at`` / ``mean_from``, at those
+    rounds and its mean from a round on), and the client mean of that metric."""
     rows = []
     for run_dir in run_dirs:
         m = load_run(run_dir)
@@ -125,6 +155,7 @@ def lora_table(run_dirs: list[str | Path]) -> pd.DataFrame:
             "MB down / round": m["comm/bytes_down"].mean() / 1e6 if "comm/bytes_down" in m else float("nan"),
             f"test {metric} (best val)": best[f"server/test_{metric}"] if best is not None else float("nan"),
             "best val round": int(best["round"]) if best is not None else None,
+            **round_columns(m, f"server/test_{metric}", f"test {metric}", at, mean_from),
             f"client {metric} (last)": m[f"clients/{metric}_mean"].iloc[-1] if f"clients/{metric}_mean" in m else float("nan"),
             "rounds": int(m["round"].max()),
         })
@@ -435,7 +466,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="the Fed-MoE paper's table with these runs beside it; saves paper.md, paper.csv and "
                              "paper_<data set>.png curves into --out")
     parser.add_argument("--out", help=f"folder for the --paper files (default {PAPER_OUT})")
+    parser.add_argument("--at", help="also the test metric at these rounds, e.g. 8,16,24")
+    parser.add_argument("--mean-from", help="also the test metric's mean from this round to the last")
     args = parser.parse_args(argv)
+    if (args.at or args.mean_from) and (args.paper or args.experts):
+        print("error: --at and --mean-from go with the run table or --lora, not with --paper or --experts",
+              file=sys.stderr)
+        return 2
+    try:
+        at = parse_rounds(args.at) if args.at else []
+        mean_from = parse_rounds(args.mean_from, "--mean-from") if args.mean_from else None
+        if mean_from is not None and len(mean_from) > 1:
+            raise FedMoEError(f"--mean-from takes one round number, such as 17; got {args.mean_from!r}")
+    except FedMoEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mean_from = mean_from[0] if mean_from else None
     clash = [flag for flag, on in (("--lora", args.lora), ("--experts", args.experts), ("--plot", args.plot)) if on]
     if args.paper and clash:
         print(f"error: --paper cannot be combined with {', '.join(clash)}: it writes its own table and per data set "
@@ -460,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.plot:
                 plot_experts(args.runs, args.plot)
         else:
-            table = lora_table(args.runs) if args.lora else summarise(args.runs)
+            table = lora_table(args.runs, at, mean_from) if args.lora else summarise(args.runs, at, mean_from)
             if args.plot:
                 plot(args.runs, args.plot, args.metric)
     except FedMoEError as e:

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from fedmoe.report import main, summarise
 
 
@@ -64,6 +66,35 @@ def test_lora_table_gives_rank_bytes_and_score_per_run(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert "| rule | adapter | r |" in out[0]
     assert "FedExLoRA | lora | 16 | 0.0160 | 0.0320 | 0.6500 | 2" in out[3]
+    assert main(runs + ["--lora", "--at", "1", "--mean-from", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "| best val round | test acc, round 1 | test acc, mean of rounds 1-2 |" in out[0]
+    assert "| 0.6500 | 2 | 0.5500 | 0.6000 |" in out[3]
+
+
+def test_at_and_mean_from_add_the_test_metric_at_rounds_and_its_late_mean(tmp_path, capsys):
+    run = _run(tmp_path / "a", [2.0, 1.0, 1.5, 1.2], [0.3, 0.6, 0.7, 0.8])
+    row = summarise([run], at=[2, 4, 9], mean_from=3).iloc[0]
+    assert row["test acc, round 2"] == 0.6 and row["test acc, round 4"] == 0.8
+    assert row["test acc, round 9"] != row["test acc, round 9"]  # a round the run never reached: NaN
+    assert row["test acc, mean of rounds 3-4"] == 0.75
+    assert main([str(run), "--at", "1,3", "--mean-from", "2"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "| test acc, round 1 | test acc, round 3 | test acc, mean of rounds 2-4 |" in head
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--at", "8,a"], "--at takes round numbers of 1 or more"),
+    (["--at", "0"], "--at takes round numbers of 1 or more"),
+    (["--mean-from", "x"], "--mean-from takes round numbers of 1 or more"),
+    (["--mean-from", "3,4"], "--mean-from takes one round number"),
+    (["--at", "3", "--experts"], "--at and --mean-from go with the run table or --lora"),
+])
+def test_bad_round_options_are_one_error_line(tmp_path, capsys, args, message):
+    run = _run(tmp_path / "a", [2.0, 1.0], [0.3, 0.6])
+    assert main([str(run), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
 def _experts_run(path, mode, losses):
