@@ -14,7 +14,7 @@ from fedmoe.data.digits import DigitsDataModule
 from fedmoe.data.femnist import FEMNISTDataModule
 from fedmoe.errors import ConfigError
 from fedmoe.executors import ClientTask, Sequential, build_executor
-from fedmoe.executors.vectorized import Vectorized, _OptimizerSpec
+from fedmoe.executors.vectorized import Vectorized, _OptimizerSpec, rows_on
 from fedmoe.federation.loop import FederatedLoop, Federation
 from fedmoe.federation.runner import RunnerSettings
 from fedmoe.models.classifier import Classifier
@@ -101,6 +101,37 @@ def test_digits_cnn_matches_sequential_with_unequal_clients(optimizer, compute):
     assert len({o.result.metrics["steps"] for o in seq}) > 1
     assert any(o.result.num_samples % 32 for o in seq)
     _assert_close(seq, vec, atol=1e-5)
+
+
+def test_a_loader_over_moved_rows_draws_the_batches_of_the_clients_own_loader(tmp_path):
+    """Same sampler and generator: the same order and augmentation draws as a fresh loader of the
+    same client, round and seed, and nothing drawn from the global RNG."""
+    _random_leaf(tmp_path, [40, 9])
+    dm = FEMNISTDataModule(str(tmp_path), num_clients=2, writers_per_client=1, server_writers=0, probe_writers=0,
+                           batch_size=8)
+    dm.setup()
+    expected = [(x.clone(), y.clone()) for x, y in dm.client_train_loader(0, 3, 7)]
+    state = torch.get_rng_state()
+    moved = rows_on(dm.client_train_loader(0, 3, 7), torch.device("cpu"), {})
+    got = list(moved)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(got) == len(expected) == 5 and len(got[-1][1]) == 4
+    for (x, y), (ex, ey) in zip(got, expected):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_a_clients_batches_are_gathered_and_augmented_there_as_on_the_cpu(tmp_path):
+    _random_leaf(tmp_path, [40, 9])
+    dm = FEMNISTDataModule(str(tmp_path), num_clients=2, writers_per_client=1, server_writers=0, probe_writers=0,
+                           batch_size=8)
+    dm.setup()
+    copies: dict = {}
+    got = list(rows_on(dm.client_train_loader(0, 1, 0), torch.device("cuda", 0), copies))
+    assert all(x.device.type == "cuda" for x, _ in got) and len(copies) == 2
+    for (x, y), (ex, ey) in zip(got, dm.client_train_loader(0, 1, 0)):
+        torch.testing.assert_close(x.cpu(), ex, atol=1e-5, rtol=1e-5)
+        assert torch.equal(y.cpu(), ey)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -91,6 +91,25 @@ class ArrayDataset(Dataset):
         view.generator = generator
         return view
 
+    def to(self, device: torch.device | str, copies: dict | None = None) -> "ArrayDataset":
+        """This view (rows, transform, generator) over ``x`` and ``y`` on ``device``: its batches and
+        their augmentation come out there, while the random draws stay on the CPU generator, so the
+        batches are those of this view to float rounding. ``copies``, a dict the caller keeps, holds
+        the storages already moved: the views of one data set then share one copy on the device."""
+        device = torch.device(device)
+        if self.x.device == device and self.y.device == device:
+            return self
+        cache = {} if copies is None else copies
+        view = copy.copy(self)
+        for name in ("x", "y"):
+            t = getattr(self, name)
+            key = (id(t), str(device))
+            entry = cache.get(key)
+            if entry is None or entry[0] is not t:  # an id reused by a newer tensor is a miss
+                entry = cache[key] = (t, t.to(device))
+            setattr(view, name, entry[1])
+        return view
+
 
 def seeded_global_rng(generator: torch.Generator | None):
     """A context in which torch's global CPU RNG is seeded from ``generator`` (one draw) and restored

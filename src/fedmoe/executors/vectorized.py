@@ -18,6 +18,11 @@ optimizer built per client, and the fused update instead of ``torch.optim``'s de
 loop on the CPU (for Adam seven passes and two temporaries per tensor, whose fresh pages cost page
 faults).
 
+On a GPU the clients' rows are copied to the device once (their data set's storage, shared by all
+clients' views) and each batch is gathered and augmented there: the random draws still come from the
+client's CPU generator in the sequential executor's order, so the batches are the same to float
+rounding, and a round no longer waits for the CPU to augment every client's images.
+
 Unequal clients. Clients are ordered by their number of local steps, longest first, so the clients
 still training at global step ``t`` are a prefix of the stack and a step updates a slice (a view:
 no copies); a client that has run out of batches is outside the slice, so its parameters and
@@ -44,8 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.utils.data import DataLoader
 
 from fedmoe.algorithms.base import ClientResult, StateDict
+from fedmoe.data.federated import ArrayDataset
 from fedmoe.errors import ConfigError
 from fedmoe.executors.base import ClientFailure, ClientOutcome, ClientTask, Executor
 from fedmoe.federation.runner import LocalRunner, _batch_limit, _unpack_optimizers
@@ -80,6 +87,7 @@ class Vectorized(Executor):
         self.chunk_size = chunk_size
         self.compute = compute
         self._pool = _Pool()
+        self._device_rows: dict = {}
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -87,6 +95,7 @@ class Vectorized(Executor):
         super().bind(module, datamodule, settings)
         self.runner = LocalRunner(settings)
         self.device = self.runner.device
+        self._device_rows = {}
         _check_settings(settings)
         _check_module(module)
         self.optim = _OptimizerSpec.from_module(module)
@@ -137,6 +146,8 @@ class Vectorized(Executor):
         (including the batch a ``limit_train_batches`` cut fetches and drops)."""
         s = self.settings
         loader = self.datamodule.client_train_loader(task.client_id, task.round, task.seed)
+        if self.device.type != "cpu":
+            loader = rows_on(loader, self.device, self._device_rows)
         limit = _batch_limit(s.limit_train_batches, loader)
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
         for _ in range(s.max_epochs):
@@ -337,6 +348,22 @@ class _Pool:
 
     def get(self, key: tuple, n: int) -> _Slot:
         return _Slot(self, key, n)
+
+
+def rows_on(loader: DataLoader, device: torch.device, copies: dict) -> DataLoader:
+    """``loader`` drawing its rows from a copy on ``device`` (:meth:`ArrayDataset.to`) with the same
+    sampler and generator, so its batches come in the same order with the same augmentation draws,
+    now gathered and augmented on the device; loaders of other datasets, or with worker processes,
+    are returned as they are."""
+    dataset = loader.dataset
+    if not isinstance(dataset, ArrayDataset) or loader.num_workers:
+        return loader
+    moved = dataset.to(device, copies)
+    if loader.batch_size is None:
+        return DataLoader(moved, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
+                          generator=loader.generator)
+    return DataLoader(moved, batch_size=loader.batch_size, sampler=loader.sampler, drop_last=loader.drop_last,
+                      collate_fn=loader.collate_fn, generator=loader.generator)
 
 
 def _stack_batches(batches, width: int, device: torch.device):
