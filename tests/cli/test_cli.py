@@ -83,6 +83,10 @@ def test_fit_writes_config_metrics_events_checkpoint_and_summary(tmp_path, capsy
                 "comm/bytes_up", "comm/bytes_down"):
         assert tag in scalars, tag
     assert {"fedmoe/W_r", "fedmoe/W_c"} <= set(acc.Tags()["images"])
+    hparams = _hparams(acc)
+    assert hparams["federation.algorithm.class_path"] == "FedMoE" and hparams["federation.rounds"] == 1
+    assert not any(k.endswith(("data_dir", "default_root_dir")) for k in hparams)  # paths name a machine
+    assert {"hparams/best_val_test_acc", "hparams/test_acc_last", "hparams/MB_up_per_round"} <= scalars
     import pandas as pd
 
     matrices = pd.read_csv(run / "matrices.csv")
@@ -94,6 +98,19 @@ def test_fit_writes_config_metrics_events_checkpoint_and_summary(tmp_path, capsy
             assert client == sampled[column]
         sums = m.groupby(normalised_over)["value"].sum()  # W_r: a distribution over clients per expert
         assert len(sums) > 1 and all(abs(v - 1) < 1e-6 for v in sums), (key, sums)
+
+
+def _hparams(acc) -> dict:
+    """The settings a run's TensorBoard events show in the HPARAMS tab."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    out = {}
+    for key, value in info.hparams.items():
+        kind = value.WhichOneof("kind")
+        out[key] = getattr(value, kind) if kind else None
+    return out
 
 
 def test_resumed_run_is_bit_identical_and_keeps_the_time_and_record_of_all_sessions(tmp_path, full2):

@@ -23,7 +23,7 @@ from fedmoe.executors import build_executor
 from fedmoe.executors.base import ClientFailure, ClientTask, Executor
 from fedmoe.federation import checkpoint as ckpt_io
 from fedmoe.federation.context import EngineContext
-from fedmoe.federation.recorder import RoundRecorder
+from fedmoe.federation.recorder import RoundRecorder, flat_config
 from fedmoe.federation.runner import RunnerSettings, check_executor_strategy
 from fedmoe.federation.sampling import ClientSampler
 from fedmoe.federation.store import ClientStore
@@ -375,11 +375,25 @@ class FederatedLoop:
         finally:
             bar.close()
             if recorder is not None:
+                if config_yaml is not None and self.round >= session["first_round"]:
+                    recorder.write_hparams(_hparams_of(config_yaml), self._hparam_metrics(), self.round)
                 recorder.close()
             self.fed.executor.close()  # worker processes stop with the rounds (a later fit starts them again)
             self.settle_checkpoint(raise_error=finished)
         return {**self.summary(self.elapsed), "sessions": self.sessions,
                 "new_rounds": self.round - session["first_round"] + 1}
+
+    def _hparam_metrics(self) -> dict[str, float]:
+        """The results shown beside the run's settings in TensorBoard's HPARAMS tab."""
+        last = self.history[-1] if self.history else {}
+        out = {f"hparams/best_val_test_{k[5:]}": v for k, v in self.best.items() if k.startswith("test_")}
+        out["hparams/best_val_round"] = self.best.get("round")
+        out["hparams/test_acc_last"] = last.get("server/test_acc")
+        out["hparams/clients_acc_mean_last"] = last.get("clients/acc_mean")
+        for key in ("comm/bytes_up", "comm/bytes_down"):
+            out[f"hparams/MB_{key[11:]}_per_round"] = _mean([r.get(key) for r in self.history]) / 1e6
+        out["hparams/minutes"] = self.elapsed / 60
+        return out
 
     def _summary_json(self) -> str:
         """summary.json's text now; written after the checkpoint, so that the two always agree."""
@@ -537,6 +551,15 @@ class FederatedLoop:
             "best_val_test": {k[5:]: v for k, v in self.best.items() if k.startswith("test_")},
             "run_dir": str(self.run_dir),
         }
+
+
+def _hparams_of(config_yaml: str) -> dict[str, Any]:
+    """The settings of a run's resolved config, flat (:func:`flat_config`); seed_everything and
+    the trainer's options included, the config's own bookkeeping left out."""
+    import yaml
+
+    config = yaml.safe_load(config_yaml) or {}
+    return flat_config(config) if isinstance(config, dict) else {}
 
 
 def _on_schedule(r: int, every: int | None) -> bool:

@@ -108,9 +108,55 @@ class RoundRecorder:
         pd.DataFrame(self.history).to_csv(buf, index=False)
         atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
 
+    def write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], round_idx: int) -> None:
+        """The run's settings (flat scalars) and results in TensorBoard's HPARAMS tab, one row per run:
+        runs of a sweep side by side, sortable by any metric. The metrics are logged as scalars at
+        ``round_idx`` under their own tags, as that tab requires."""
+        metrics = {k: float(v) for k, v in metrics.items() if _number(v) and math.isfinite(v)}
+        if not (self.tensorboard and metrics):
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        writer = self._writer()
+        for summary in hparams_summary({k: _hparam_value(v) for k, v in hparams.items()}, metrics):
+            writer.file_writer.add_summary(summary)
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, round_idx)
+        writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys with scalar values (lists as text); ``class_path`` entries keep
+    only the class name. Paths of files and folders are left out: they name a machine, not a setting."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_config(value, name + "."))
+        elif key == "class_path" and isinstance(value, str):
+            out[name] = value.rsplit(".", 1)[-1]
+        elif key.endswith(("_dir", "_path", "cache")) or key in ("config", "tokenizer", "pretrained"):
+            continue
+        elif isinstance(value, (list, tuple)):
+            out[name] = str(list(value))
+        else:
+            out[name] = value
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _hparam_value(v: Any) -> int | float | str | bool:
+    """What TensorBoard's hparams accept: numbers, text and booleans (None as 'null')."""
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    return "null" if v is None else str(v)
 
 
 def _heatmap(matrix: torch.Tensor, title: str):
