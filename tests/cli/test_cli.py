@@ -76,6 +76,8 @@ def test_fit_writes_config_metrics_events_checkpoint_and_summary(tmp_path, capsy
     assert seed and int(seed.group(1)) != 0, "seed_everything: true draws a seed and records it"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    import pandas as pd
+
     acc = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
     scalars = set(acc.Tags()["scalars"])
     for tag in ("server/test_acc", "server/test_loss", "clients/acc_mean", "clients/acc_min", "clients/acc_max",
@@ -83,11 +85,19 @@ def test_fit_writes_config_metrics_events_checkpoint_and_summary(tmp_path, capsy
                 "comm/bytes_up", "comm/bytes_down"):
         assert tag in scalars, tag
     assert {"fedmoe/W_r", "fedmoe/W_c"} <= set(acc.Tags()["images"])
+    clients = pd.read_csv(run / "clients.csv")
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(clients.columns) == ["round", "client", "status", "samples", "steps", "train_loss", "bytes_down",
+                                     "bytes_up", "heldout_loss", "heldout_acc"]
+    assert sorted(clients["client"]) == sorted(int(c) for c in str(metrics["clients"][0]).split())
+    assert set(clients["status"]) == {"ok"} and (clients["samples"] > 0).all() and (clients["heldout_acc"] >= 0).all()
+    for key in ("bytes_up", "bytes_down"):  # the round's totals are the clients' sums
+        assert clients[key].sum() == metrics[f"comm/{key}"][0] > 0
+    assert clients["train_loss"].mean() == pytest.approx(metrics["clients/train_loss"][0])
     hparams = _hparams(acc)
     assert hparams["federation.algorithm.class_path"] == "FedMoE" and hparams["federation.rounds"] == 1
     assert not any(k.endswith(("data_dir", "default_root_dir")) for k in hparams)  # paths name a machine
     assert {"hparams/best_val_test_acc", "hparams/test_acc_last", "hparams/MB_up_per_round"} <= scalars
-    import pandas as pd
 
     matrices = pd.read_csv(run / "matrices.csv")
     sampled = sorted(int(c) for c in str(pd.read_csv(run / "metrics.csv")["clients"][0]).split())
@@ -122,6 +132,7 @@ def test_resumed_run_is_bit_identical_and_keeps_the_time_and_record_of_all_sessi
     csv = (cut / "metrics.csv").read_text().strip().splitlines()
     assert [ln.split(",")[0] for ln in csv[1:]] == ["1", "2"]
     assert (cut / "matrices.csv").read_text() == (full2 / "matrices.csv").read_text()
+    assert (cut / "clients.csv").read_text() == (full2 / "clients.csv").read_text()
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["rounds"] == 2 and len(summary["sessions"]) == 2
     assert summary["seconds"] > first["seconds"]

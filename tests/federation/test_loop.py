@@ -150,8 +150,12 @@ def test_run_killed_mid_round_resumes_bit_identical(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         crashing.fit()
     assert crashing.round == 2
+    rows = (crashing.run_dir / "clients.csv").read_text().splitlines()
+    with open(crashing.run_dir / "clients.csv", "a") as f:  # as if round 3 had been logged, its last row cut
+        f.write("\n".join(["3" + r[1:] for r in rows[1:3]] + [rows[3][:7]]))
     resumed = _loop(tmp_path / "b", algorithm=FedMoE(num_routed=2), rounds=3, clients_per_round=3)
     resumed.fit(ckpt_path=resumed.ckpt_path)
+    assert (resumed.run_dir / "clients.csv").read_text() == (full.run_dir / "clients.csv").read_text()
     for key, value in full.state["moe"].items():
         assert torch.equal(value, resumed.state["moe"][key]), key
     for cid, weights in full.store.weights.items():

@@ -164,6 +164,7 @@ class FederatedLoop:
         self.sessions: list[dict[str, Any]] = []
         """One record per ``fit`` call that ran rounds: start time, rounds, seconds, resumed-from."""
         self._columns: list[int] = []  # the last round's aggregated clients: the columns of its matrices
+        self._client_rows: list[dict[str, Any]] = []  # the last round's rows of clients.csv
         self.saved_round: int | None = None
         self.loaded_round: int | None = None
         self._writer = ckpt_io.BackgroundWriter()
@@ -342,7 +343,8 @@ class FederatedLoop:
         self.sessions.append(session)
         ckpt_io.remove_stale_temp_files(self.run_dir, self.ckpt_path.parent, *filter(None, [self.store.root]))
         recorder = (RoundRecorder(self.run_dir, self.round, self.history, tensorboard=self.settings.logger,
-                                  every=self.settings.log_every_n_steps, last_round=self.fed.rounds)
+                                  every=self.settings.log_every_n_steps, last_round=self.fed.rounds,
+                                  client_columns=self.client_columns())
                     if self.fed.write_logs else None)
         bar = tqdm(
             total=self.fed.rounds, initial=min(self.round, self.fed.rounds), desc="rounds", unit="round",
@@ -358,7 +360,7 @@ class FederatedLoop:
                     if config_yaml is not None:
                         ckpt_io.atomic_write_text(self.run_dir / "config.yaml", self._sessions_header() + config_yaml)
                 if recorder is not None:
-                    recorder.log(self.round, row, images, self._columns)
+                    recorder.log(self.round, row, images, self._columns, self._client_rows)
                     self.history = recorder.history
                 else:
                     self.history = [*self.history, {"round": self.round, **row}]
@@ -422,12 +424,13 @@ class FederatedLoop:
         """One round; returns its logged scalars and images."""
         t0 = time.perf_counter()
         ids = self.sampler.sample(r)
-        tasks, bytes_down = [], 0
+        tasks, down = [], {}
         for cid in ids:
             own = self.store.get_weights(cid) if self.algo.personalised else None
             plan = self.algo.configure_client(self.state, cid, own if own is not None else self.template)
+            down[cid] = 0
             if plan.transmit:
-                bytes_down += num_bytes(plan.weights) if plan.wire_bytes is None else plan.wire_bytes
+                down[cid] = num_bytes(plan.weights) if plan.wire_bytes is None else plan.wire_bytes
             opt = self.store.get_optimizer(cid) if self.fed.persistent_optimizer else None
             tasks.append(ClientTask(cid, plan, opt, keep_optimizer=self.fed.persistent_optimizer, round=r, seed=self.seed))
         outcomes = self.fed.executor.run(tasks)
@@ -435,15 +438,19 @@ class FederatedLoop:
         results: list[ClientResult] = []
         optimizer_states: dict[int, dict | None] = {}
         dropped: list[str] = []
+        status: dict[int, str] = {}
         for out in outcomes:
             if isinstance(out, ClientFailure):
                 dropped.append(f"{out.client_id} ({out.error})")
+                status[out.client_id] = "failed"
             elif not all_finite(out.result.weights):
                 log.warning("round %d: client %d returned non-finite weights; dropped", r, out.result.client_id)
                 dropped.append(f"{out.result.client_id} (non-finite weights)")
+                status[out.result.client_id] = "non-finite"
             else:
                 results.append(out.result)
                 optimizer_states[out.result.client_id] = out.optimizer_state
+                status[out.result.client_id] = "ok"
         if dropped:
             log.warning("round %d: dropped clients %s", r, "; ".join(dropped))
         if len(results) < self.fed.min_clients:
@@ -452,11 +459,12 @@ class FederatedLoop:
                 f"{self.fed.min_clients}); dropped: {'; '.join(dropped)}"
             )
         self._columns = [res.client_id for res in results]  # the clients of a logged matrix's columns
-        bytes_up = sum(self.algo.upload_bytes(res) for res in results)
+        up = {res.client_id: self.algo.upload_bytes(res) for res in results}
         self.state = self.algo.aggregate(self.state, results, self.ctx)
         synced = self.algo.sync(self.state, results, self.ctx)
         if self.algo.sync_transmits:
-            bytes_down += sum(num_bytes(w) for w in synced.values())
+            for cid, w in synced.items():
+                down[cid] = down.get(cid, 0) + num_bytes(w)
         if self.algo.personalised:
             for cid, w in synced.items():
                 self.store.put_weights(cid, w, version=r)
@@ -470,15 +478,20 @@ class FederatedLoop:
             "clients/ok": len(results),
             "clients/dropped": len(dropped),
             "clients/train_loss": _mean([res.metrics.get("loss", math.nan) for res in results]),
-            "comm/bytes_up": bytes_up,
-            "comm/bytes_down": bytes_down,
+            "comm/bytes_up": sum(up.values()),
+            "comm/bytes_down": sum(down.values()),
             "time/round_s": round_time,
         }
         t1 = time.perf_counter()
         if self.fed.evaluates(r):
             row.update(self.evaluate_server(r))
+        heldout: dict[int, dict[str, float]] = {}
         if self.fed.client_eval:
-            row.update(self.evaluate_clients(synced))
+            clients_row, heldout = self.evaluate_clients(synced)
+            row.update(clients_row)
+        by_id = {res.client_id: res for res in results}
+        self._client_rows = [self._client_row(r, cid, status.get(cid, "failed"), by_id.get(cid), down.get(cid, 0),
+                                              up.get(cid), heldout.get(cid, {})) for cid in ids]
         extra = self.algo.round_metrics(self.state)
         images = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
         row.update({k: float(v) for k, v in extra.items() if k not in images})
@@ -512,23 +525,45 @@ class FederatedLoop:
             row["server/best_iteration_test_acc"] = self.ctx.evaluate(best, self.ctx.test).get("acc", math.nan)
         return row
 
-    def evaluate_clients(self, synced: dict[int, StateDict]) -> dict[str, float]:
-        """Each participating client's synced model on its own held-out split (accuracy and the
-        data set's monitored metric: mean, min and max over clients)."""
-        per_client, loaded, net = [], None, None
+    def evaluate_clients(self, synced: dict[int, StateDict]) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+        """Each participating client's synced model on its own held-out split: accuracy and the data
+        set's monitored metric as mean, min and max over clients, and each client's metrics by id."""
+        by_client, loaded, net = {}, None, None
         for cid, weights in synced.items():
             dataset = self.datamodule.splits.client_test[cid]
             if len(dataset) == 0:
                 continue
             if loaded is not weights:
                 net, loaded = self.ctx.load_network(weights), weights
-            per_client.append(self.ctx.evaluate(net, dataset))
+            by_client[cid] = self.ctx.evaluate(net, dataset)
+        per_client = list(by_client.values())
         row: dict[str, float] = {}
         for key in dict.fromkeys(["acc", self.datamodule.monitor[0]]):
             values = [m[key] for m in per_client if _finite(m.get(key))]
             if key != "loss" and values:
                 row.update({f"clients/{key}_mean": _mean(values), f"clients/{key}_min": min(values),
                             f"clients/{key}_max": max(values)})
+        return row, by_client
+
+    def client_columns(self) -> list[str]:
+        """The columns of ``clients.csv``: one row per client and round."""
+        metrics = list(dict.fromkeys(["loss", "acc", self.datamodule.monitor[0]]))
+        return ["round", "client", "status", "samples", "steps", "train_loss", "bytes_down", "bytes_up",
+                *[f"heldout_{m}" for m in metrics]]
+
+    def _client_row(self, r: int, cid: int, status: str, result: ClientResult | None, down: int, up: int | None,
+                    heldout: dict[str, float]) -> dict[str, Any]:
+        """A client's round: whether it made it into the aggregate, its local training, its exact bytes
+        each way (a dropped client's download counts; it uploaded nothing that was used), and its
+        synced model on its own held-out split (with ``client_eval``)."""
+        metrics = result.metrics if result is not None else {}
+        row = {
+            "round": r, "client": cid, "status": status,
+            "samples": result.num_samples if result is not None else None,
+            "steps": metrics.get("steps"), "train_loss": metrics.get("loss"),
+            "bytes_down": down, "bytes_up": up if up is not None else 0,
+        }
+        row.update({f"heldout_{k}": v for k, v in heldout.items() if k != "n"})
         return row
 
     def evaluate(self, split: Literal["val", "test"]) -> dict[str, float]:

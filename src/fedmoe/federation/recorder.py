@@ -1,8 +1,10 @@
-"""Per-round records: TensorBoard scalars and images, ``metrics.csv`` (one row per round) and, for
-algorithms that log matrices (Fed-MoE's W_r and W_c), ``matrices.csv`` (one row per entry)."""
+"""Per-round records: TensorBoard scalars and images, ``metrics.csv`` (one row per round),
+``clients.csv`` (one row per client and round) and, for algorithms that log matrices (Fed-MoE's W_r
+and W_c), ``matrices.csv`` (one row per entry)."""
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 from pathlib import Path
@@ -29,6 +31,9 @@ class RoundRecorder:
         every: write TensorBoard events every this many rounds (``trainer.log_every_n_steps``) and at
             ``last_round``.
         last_round: the run's last round.
+        client_columns: the columns of ``clients.csv`` (rows given to :meth:`log` are appended each
+            round, so the file grows with the run rather than being rewritten); on resume its rows
+            after ``start_round`` are dropped once, as TensorBoard's. None: no ``clients.csv``.
     """
 
     def __init__(
@@ -39,6 +44,7 @@ class RoundRecorder:
         tensorboard: bool = True,
         every: int = 1,
         last_round: int | None = None,
+        client_columns: list[str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.start_round = start_round
@@ -48,6 +54,8 @@ class RoundRecorder:
         self.writer = None
         self.history: list[dict[str, Any]] = list(history or [])
         self.matrices = self._earlier_matrices()
+        self.client_columns = client_columns
+        self._clients_checked = False
 
     def _earlier_matrices(self):
         """Rows of ``matrices.csv`` up to ``start_round`` (a resumed run's), or None."""
@@ -69,8 +77,8 @@ class RoundRecorder:
         return self.writer
 
     def log(self, round_idx: int, scalars: dict[str, Any], images: dict[str, torch.Tensor] | None = None,
-            columns: list[int] | None = None) -> None:
-        """One round's scalars and matrices; ``columns``: the client id of each matrix column."""
+            columns: list[int] | None = None, clients: list[dict[str, Any]] | None = None) -> None:
+        """One round's scalars, matrices and client rows; ``columns``: the client id of each matrix column."""
         if self.tensorboard and (round_idx % self.every == 0 or round_idx == self.last_round):
             writer = self._writer()
             for key, value in scalars.items():
@@ -83,6 +91,42 @@ class RoundRecorder:
         self.write_csv()
         if images:
             self.write_matrices(round_idx, images, columns)
+        if clients and self.client_columns:
+            self.append_clients(clients)
+
+    def append_clients(self, rows: list[dict[str, Any]]) -> None:
+        """Append one round's client rows to ``clients.csv`` (header first in a new file)."""
+        path = self.run_dir / "clients.csv"
+        if not self._clients_checked:
+            self._keep_earlier_clients(path)
+            self._clients_checked = True
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.client_columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+
+    def _keep_earlier_clients(self, path: Path) -> None:
+        """On resume, ``clients.csv`` keeps the complete rows of rounds up to ``start_round`` (an
+        interrupted run may have appended later rounds, or part of a row); a new run starts it anew."""
+        if not path.is_file():
+            return
+        kept = []
+        if self.start_round:
+            with open(path, newline="") as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                if header == self.client_columns:
+                    kept = [header] + [row for row in reader if len(row) == len(header)
+                                       and row[0].isdigit() and int(row[0]) <= self.start_round]
+        if not kept:
+            path.unlink()
+            return
+        buf = io.StringIO()
+        csv.writer(buf).writerows(kept)
+        atomic_write_text(path, buf.getvalue())
 
     def write_matrices(self, round_idx: int, images: dict[str, torch.Tensor], columns: list[int] | None) -> None:
         import pandas as pd
@@ -146,6 +190,13 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def _cell(v: Any) -> Any:
+    """A CSV cell: NaN and None as empty."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return v
 
 
 def _number(v: Any) -> bool:
