@@ -392,8 +392,8 @@ class FederatedLoop:
         out["hparams/best_val_round"] = self.best.get("round")
         out["hparams/test_acc_last"] = last.get("server/test_acc")
         out["hparams/clients_acc_mean_last"] = last.get("clients/acc_mean")
-        for key in ("comm/bytes_up", "comm/bytes_down"):
-            out[f"hparams/MB_{key[11:]}_per_round"] = _mean([r.get(key) for r in self.history]) / 1e6
+        for way in ("up", "down"):
+            out[f"hparams/MB_{way}_per_round"] = _mean([r.get(f"comm/bytes_{way}") for r in self.history]) / 1e6
         out["hparams/minutes"] = self.elapsed / 60
         return out
 
