@@ -129,11 +129,32 @@ def _config(run_dir: str | Path) -> dict:
     return cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
 
 
+def per_client_bytes(run_dir: str | Path) -> dict[str, float]:
+    """Mean MB a client downloads and uploads in a round it takes part in (``clients.csv``), and the
+    largest of any client in any round; empty for a run folder without ``clients.csv``."""
+    path = Path(run_dir) / "clients.csv"
+    if not path.is_file():
+        return {}
+    try:
+        c = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        raise FedMoEError(f"{path} cannot be read as a CSV table; it should be the clients.csv that fit writes") from None
+    if not {"bytes_up", "bytes_down"} <= set(c.columns) or not len(c):
+        return {}
+    return {
+        "MB up / client": c["bytes_up"].mean() / 1e6, "MB up / client (max)": c["bytes_up"].max() / 1e6,
+        "MB down / client": c["bytes_down"].mean() / 1e6, "MB down / client (max)": c["bytes_down"].max() / 1e6,
+    }
+
+
 def lora_table(run_dirs: list[str | Path], at: list[int] = (), mean_from: int | None = None) -> pd.DataFrame:
-    """One row per adapter run: rule, rank, mean bytes up / down per round (all clients), the
-    monitored test metric at the best validation round (and, with ``at`` / ``mean_from``, at those
-    rounds and its mean from a round on), and the client mean of that metric."""
+    """One row per adapter run: rule, rank, mean bytes up / down per round (all clients, and per
+    client from ``clients.csv`` where the runs have one), the monitored test metric at the best
+    validation round (and, with ``at`` / ``mean_from``, at those rounds and its mean from a round
+    on), and the client mean of that metric."""
     rows = []
+    per_client = {str(d): per_client_bytes(d) for d in run_dirs}
+    any_per_client = any(per_client.values())
     for run_dir in run_dirs:
         m = load_run(run_dir)
         cfg = _config(run_dir)
@@ -153,6 +174,9 @@ def lora_table(run_dirs: list[str | Path], at: list[int] = (), mean_from: int | 
             "r": rank,
             "MB up / round": m["comm/bytes_up"].mean() / 1e6 if "comm/bytes_up" in m else float("nan"),
             "MB down / round": m["comm/bytes_down"].mean() / 1e6 if "comm/bytes_down" in m else float("nan"),
+            **({k: per_client[str(run_dir)].get(k, float("nan")) for k in
+                ("MB up / client", "MB up / client (max)", "MB down / client", "MB down / client (max)")}
+               if any_per_client else {}),
             f"test {metric} (best val)": best[f"server/test_{metric}"] if best is not None else float("nan"),
             "best val round": int(best["round"]) if best is not None else None,
             **round_columns(m, f"server/test_{metric}", f"test {metric}", at, mean_from),

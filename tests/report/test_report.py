@@ -72,6 +72,24 @@ def test_lora_table_gives_rank_bytes_and_score_per_run(tmp_path, capsys):
     assert "| 0.6500 | 2 | 0.5500 | 0.6000 |" in out[3]
 
 
+def test_lora_table_gives_per_client_bytes_where_runs_have_clients_csv(tmp_path, capsys):
+    runs = []
+    for name in ("with", "without"):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.csv").write_text("round,server/val_acc,server/test_acc,comm/bytes_up,comm/bytes_down\n"
+                                         "1,0.5,0.55,3000,6000\n")
+        (run / "summary.json").write_text(json.dumps({"algorithm": "HetLoRA", "monitor": ["acc", "max"]}))
+        runs.append(str(run))
+    (tmp_path / "with" / "clients.csv").write_text(
+        "round,client,status,samples,steps,train_loss,bytes_down,bytes_up\n"
+        "1,0,ok,5,1,0.7,1000000,500000\n1,1,ok,5,1,0.7,3000000,2500000\n")
+    assert main(runs + ["--lora"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "| MB up / client | MB up / client (max) | MB down / client | MB down / client (max) |" in out[0]
+    assert "| 1.5000 | 2.5000 | 2.0000 | 3.0000 |" in out[2] and "| nan | nan | nan | nan |" in out[3]
+
+
 def test_at_and_mean_from_add_the_test_metric_at_rounds_and_its_late_mean(tmp_path, capsys):
     run = _run(tmp_path / "a", [2.0, 1.0, 1.5, 1.2], [0.3, 0.6, 0.7, 0.8])
     row = summarise([run], at=[2, 4, 9], mean_from=3).iloc[0]
