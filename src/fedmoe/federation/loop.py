@@ -378,7 +378,10 @@ class FederatedLoop:
             bar.close()
             if recorder is not None:
                 if config_yaml is not None and self.round >= session["first_round"]:
-                    recorder.write_hparams(_hparams_of(config_yaml), self._hparam_metrics(), self.round)
+                    try:  # a summary for browsing runs: never the reason a run fails, nor what hides why
+                        recorder.write_hparams(_hparams_of(config_yaml), self._hparam_metrics(), self.round)
+                    except Exception as e:
+                        log.warning("TensorBoard HPARAMS record not written: %s: %s", type(e).__name__, e)
                 recorder.close()
             self.fed.executor.close()  # worker processes stop with the rounds (a later fit starts them again)
             self.settle_checkpoint(raise_error=finished)
