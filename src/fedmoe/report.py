@@ -10,6 +10,9 @@ metric at those rounds and ``--mean-from 17`` its mean over rounds 17 to the las
 whether a curve has settled, read off a late window rather than one round.
 ``--paper`` prints and saves the Fed-MoE paper's table (src/fedmoe/paper.py) with the runs beside
 it, matched to its cells by data set, number of clients and algorithm: see docs/paper.md.
+``--clients`` prints one row per client of each run from its ``clients.csv``: rounds taken part in
+and dropped, samples, MB downloaded and uploaded over the run, the last training loss and held-out
+accuracy of its synced model (who the federation served, and at what cost).
 ``--experts`` reads folders of ``python -m fedmoe.cli experts`` (``metrics_<expert>.csv``): per run
 and expert the coordinator mode, updates applied and refused, staleness, held-out loss at the start
 and at the end; ``--plot`` then draws each expert's held-out loss against (simulated) time, a line
@@ -129,17 +132,56 @@ def _config(run_dir: str | Path) -> dict:
     return cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
 
 
-def per_client_bytes(run_dir: str | Path) -> dict[str, float]:
-    """Mean MB a client downloads and uploads in a round it takes part in (``clients.csv``), and the
-    largest of any client in any round; empty for a run folder without ``clients.csv``."""
+CLIENT_COLUMNS = ("round", "client", "status", "bytes_down", "bytes_up")
+
+
+def load_clients(run_dir: str | Path) -> pd.DataFrame | None:
+    """A run's ``clients.csv`` (one row per client and round), or None where the run has none; a
+    file that is not such a table is an error naming it."""
     path = Path(run_dir) / "clients.csv"
     if not path.is_file():
-        return {}
+        return None
     try:
         c = pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
-        raise FedMoEError(f"{path} cannot be read as a CSV table; it should be the clients.csv that fit writes") from None
-    if not {"bytes_up", "bytes_down"} <= set(c.columns) or not len(c):
+        c = None
+    if c is None or not set(CLIENT_COLUMNS) <= set(c.columns):
+        raise FedMoEError(f"{path} is not a table with columns {', '.join(CLIENT_COLUMNS)}; "
+                          "it should be the clients.csv that fit writes")
+    return c
+
+
+def clients_table(run_dirs: list[str | Path]) -> pd.DataFrame:
+    """One row per client of each run: rounds it was sampled in and dropped from, samples, MB down
+    and up over the run, its last training loss and the last held-out accuracy of its synced model."""
+    rows = []
+    for run_dir in run_dirs:
+        c = load_clients(run_dir)
+        if c is None:
+            raise FedMoEError(f"{run_dir} has no clients.csv (runs write it since clients.csv was added; "
+                              "rerun or resume the run to get one)")
+        for client, g in c.sort_values("round").groupby("client", sort=True):
+            ok = g[g["status"] == "ok"]
+            heldout = g["heldout_acc"].dropna() if "heldout_acc" in g else pd.Series(dtype=float)
+            rows.append({
+                "run": str(run_dir),
+                "client": int(client),
+                "rounds": int(len(g)),
+                "dropped": int(len(g) - len(ok)),
+                "samples": int(ok["samples"].iloc[-1]) if "samples" in ok and len(ok) else None,
+                "MB down": g["bytes_down"].sum() / 1e6,
+                "MB up": g["bytes_up"].sum() / 1e6,
+                "train loss (last)": float(ok["train_loss"].iloc[-1]) if "train_loss" in ok and len(ok) else float("nan"),
+                "held-out acc (last)": float(heldout.iloc[-1]) if len(heldout) else float("nan"),
+            })
+    return pd.DataFrame(rows)
+
+
+def per_client_bytes(run_dir: str | Path) -> dict[str, float]:
+    """Mean MB a client downloads and uploads in a round it takes part in (``clients.csv``), and the
+    largest of any client in any round; empty for a run folder without ``clients.csv``."""
+    c = load_clients(run_dir)
+    if c is None or not len(c):
         return {}
     return {
         "MB up / client": c["bytes_up"].mean() / 1e6, "MB up / client (max)": c["bytes_up"].max() / 1e6,
@@ -484,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", help="write a PNG of server test accuracy over rounds")
     parser.add_argument("--metric", default="server/test_acc", help="metric plotted (default server/test_acc)")
     parser.add_argument("--lora", action="store_true", help="the adapter table: rule, rank, bytes, score")
+    parser.add_argument("--clients", action="store_true",
+                        help="one row per client of each run (clients.csv): rounds, bytes, last loss and accuracy")
     parser.add_argument("--experts", action="store_true",
                         help="folders of `fedmoe.cli experts`: per expert, updates and held-out loss; --plot: loss over time")
     parser.add_argument("--paper", action="store_true",
@@ -493,9 +537,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--at", help="also the test metric at these rounds, e.g. 8,16,24")
     parser.add_argument("--mean-from", help="also the test metric's mean from this round to the last")
     args = parser.parse_args(argv)
-    if (args.at or args.mean_from) and (args.paper or args.experts):
-        print("error: --at and --mean-from go with the run table or --lora, not with --paper or --experts",
+    tables = [flag for flag, on in (("--lora", args.lora), ("--clients", args.clients), ("--experts", args.experts)) if on]
+    if len(tables) > 1:
+        print(f"error: {' and '.join(tables)} are different tables; ask for one at a time", file=sys.stderr)
+        return 2
+    if (args.at or args.mean_from) and (args.paper or args.experts or args.clients):
+        print("error: --at and --mean-from go with the run table or --lora, not with --paper, --experts or --clients",
               file=sys.stderr)
+        return 2
+    if args.clients and args.plot:
+        print("error: --clients prints a table only; drop --plot (or plot the runs without --clients)", file=sys.stderr)
         return 2
     try:
         at = parse_rounds(args.at) if args.at else []
@@ -506,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     mean_from = mean_from[0] if mean_from else None
-    clash = [flag for flag, on in (("--lora", args.lora), ("--experts", args.experts), ("--plot", args.plot)) if on]
+    clash = [flag for flag, on in (("--lora", args.lora), ("--clients", args.clients), ("--experts", args.experts),
+                                   ("--plot", args.plot)) if on]
     if args.paper and clash:
         print(f"error: --paper cannot be combined with {', '.join(clash)}: it writes its own table and per data set "
               "curves into --out", file=sys.stderr)
@@ -525,7 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {', '.join(str(p) for p in written)}")
         return 0
     try:
-        if args.experts:
+        if args.clients:
+            table = clients_table(args.runs)
+        elif args.experts:
             table = experts_table(args.runs)
             if args.plot:
                 plot_experts(args.runs, args.plot)

@@ -90,6 +90,43 @@ def test_lora_table_gives_per_client_bytes_where_runs_have_clients_csv(tmp_path,
     assert "| 1.5000 | 2.5000 | 2.0000 | 3.0000 |" in out[2] and "| nan | nan | nan | nan |" in out[3]
 
 
+def _clients_csv(run, rows):
+    (run / "clients.csv").write_text("round,client,status,samples,steps,train_loss,bytes_down,bytes_up,heldout_acc\n"
+                                     + "\n".join(rows) + "\n")
+
+
+def test_clients_table_gives_each_clients_rounds_bytes_and_last_results(tmp_path, capsys):
+    run = _run(tmp_path / "a", [2.0, 1.0, 1.5], [0.3, 0.6, 0.7])
+    _clients_csv(run, ["1,0,ok,5,1,0.9,1000000,500000,0.4", "1,1,ok,7,2,0.8,1000000,500000,0.5",
+                       "2,1,failed,,,,1000000,0,", "3,0,ok,5,1,0.6,2000000,500000,0.7"])
+    assert main([str(run), "--clients"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("| run | client | rounds | dropped | samples | MB down | MB up | train loss (last) | "
+                      "held-out acc (last) |")
+    assert out[2].endswith("| 0 | 2 | 0 | 5 | 3.0000 | 1.0000 | 0.6000 | 0.7000 |")
+    assert out[3].endswith("| 1 | 2 | 1 | 7 | 2.0000 | 0.5000 | 0.8000 | 0.5000 |")
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "has no clients.csv"),
+    (["--lora"], "--lora and --clients are different tables"),
+    (["--plot", "x.png"], "--clients prints a table only"),
+    (["--at", "2"], "--at and --mean-from go with the run table or --lora"),
+])
+def test_clients_table_refusals_are_one_error_line(tmp_path, capsys, args, message):
+    run = _run(tmp_path / "a", [2.0], [0.3])
+    assert main([str(run), "--clients", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_clients_csv_that_is_not_the_table_fit_writes_is_one_error_line(tmp_path, capsys):
+    run = _run(tmp_path / "a", [2.0], [0.3])
+    (run / "clients.csv").write_text("a,b\n1,2\n")
+    assert main([str(run), "--clients"]) == 2
+    assert "clients.csv is not a table with columns round, client, status" in capsys.readouterr().err
+
+
 def test_at_and_mean_from_add_the_test_metric_at_rounds_and_its_late_mean(tmp_path, capsys):
     run = _run(tmp_path / "a", [2.0, 1.0, 1.5, 1.2], [0.3, 0.6, 0.7, 0.8])
     row = summarise([run], at=[2, 4, 9], mean_from=3).iloc[0]
