@@ -177,6 +177,9 @@ def clients_table(run_dirs: list[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+PER_CLIENT_BYTES = ("MB up / client", "MB up / client (max)", "MB down / client", "MB down / client (max)")
+
+
 def per_client_bytes(run_dir: str | Path) -> dict[str, float]:
     """Mean MB a client downloads and uploads in a round it takes part in (``clients.csv``), and the
     largest of any client in any round; empty for a run folder without ``clients.csv``."""
@@ -216,9 +219,7 @@ def lora_table(run_dirs: list[str | Path], at: list[int] = (), mean_from: int | 
             "r": rank,
             "MB up / round": m["comm/bytes_up"].mean() / 1e6 if "comm/bytes_up" in m else float("nan"),
             "MB down / round": m["comm/bytes_down"].mean() / 1e6 if "comm/bytes_down" in m else float("nan"),
-            **({k: per_client[str(run_dir)].get(k, float("nan")) for k in
-                ("MB up / client", "MB up / client (max)", "MB down / client", "MB down / client (max)")}
-               if any_per_client else {}),
+            **({k: per_client[str(run_dir)].get(k, float("nan")) for k in PER_CLIENT_BYTES} if any_per_client else {}),
             f"test {metric} (best val)": best[f"server/test_{metric}"] if best is not None else float("nan"),
             "best val round": int(best["round"]) if best is not None else None,
             **round_columns(m, f"server/test_{metric}", f"test {metric}", at, mean_from),

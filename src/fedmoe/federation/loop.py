@@ -431,9 +431,7 @@ class FederatedLoop:
         for cid in ids:
             own = self.store.get_weights(cid) if self.algo.personalised else None
             plan = self.algo.configure_client(self.state, cid, own if own is not None else self.template)
-            down[cid] = 0
-            if plan.transmit:
-                down[cid] = num_bytes(plan.weights) if plan.wire_bytes is None else plan.wire_bytes
+            down[cid] = 0 if not plan.transmit else num_bytes(plan.weights) if plan.wire_bytes is None else plan.wire_bytes
             opt = self.store.get_optimizer(cid) if self.fed.persistent_optimizer else None
             tasks.append(ClientTask(cid, plan, opt, keep_optimizer=self.fed.persistent_optimizer, round=r, seed=self.seed))
         outcomes = self.fed.executor.run(tasks)
@@ -467,7 +465,7 @@ class FederatedLoop:
         synced = self.algo.sync(self.state, results, self.ctx)
         if self.algo.sync_transmits:
             for cid, w in synced.items():
-                down[cid] = down.get(cid, 0) + num_bytes(w)
+                down[cid] += num_bytes(w)
         if self.algo.personalised:
             for cid, w in synced.items():
                 self.store.put_weights(cid, w, version=r)
@@ -493,8 +491,8 @@ class FederatedLoop:
             clients_row, heldout = self.evaluate_clients(synced)
             row.update(clients_row)
         by_id = {res.client_id: res for res in results}
-        self._client_rows = [self._client_row(r, cid, status.get(cid, "failed"), by_id.get(cid), down.get(cid, 0),
-                                              up.get(cid), heldout.get(cid, {})) for cid in ids]
+        self._client_rows = [self._client_row(r, cid, status[cid], by_id.get(cid), down[cid], up.get(cid, 0),
+                                              heldout.get(cid, {})) for cid in ids]
         extra = self.algo.round_metrics(self.state)
         images = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
         row.update({k: float(v) for k, v in extra.items() if k not in images})
@@ -554,7 +552,7 @@ class FederatedLoop:
         return ["round", "client", "status", "samples", "steps", "train_loss", "bytes_down", "bytes_up",
                 *[f"heldout_{m}" for m in metrics]]
 
-    def _client_row(self, r: int, cid: int, status: str, result: ClientResult | None, down: int, up: int | None,
+    def _client_row(self, r: int, cid: int, status: str, result: ClientResult | None, down: int, up: int,
                     heldout: dict[str, float]) -> dict[str, Any]:
         """A client's round: whether it made it into the aggregate, its local training, its exact bytes
         each way (a dropped client's download counts; it uploaded nothing that was used), and its
@@ -564,7 +562,7 @@ class FederatedLoop:
             "round": r, "client": cid, "status": status,
             "samples": result.num_samples if result is not None else None,
             "steps": metrics.get("steps"), "train_loss": metrics.get("loss"),
-            "bytes_down": down, "bytes_up": up if up is not None else 0,
+            "bytes_down": down, "bytes_up": up,
         }
         row.update({f"heldout_{k}": v for k, v in heldout.items() if k != "n"})
         return row
