@@ -66,14 +66,20 @@ def condense_error(message: str) -> str:
         if key == "logger":
             return ("trainer.logger takes true or false: the run writes TensorBoard events and metrics.csv itself "
                     "(false: no TensorBoard events)")
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
-    if not lines:
+    raw = [ln.rstrip() for ln in message.splitlines() if ln.strip()]
+    if not raw:
         return "invalid arguments"
+    lines = [ln.strip() for ln in raw]
     head, rest = lines[0], lines[1:]
-    for i, ln in enumerate(rest):
-        if ln.startswith("- Problem with given class_path"):
-            detail = " ".join(rest[i : i + 2]).lstrip("- ")
-            return f"{head} {detail}"
+    for i, ln in enumerate(raw):
+        if ln.lstrip().startswith("- Problem with given class_path"):
+            indent = len(ln) - len(ln.lstrip())
+            block = [lines[i].lstrip("- ")]
+            for nested in raw[i + 1 :]:  # the lines indented under it: the nested key and what it expected
+                if len(nested) - len(nested.lstrip()) <= indent:
+                    break
+                block.append(nested.strip())
+            return " ".join([head, *block])
     skip = ("Does not validate", "Subtypes:", "Errors:", "Given value type", "- Expected a <class 'NoneType'>")
     detail = [ln for ln in rest if not ln.startswith(skip)][:2]
     return " ".join([head, *detail])

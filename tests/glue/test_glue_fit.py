@@ -171,7 +171,8 @@ def test_fedex_round_in_the_engine_is_exact_on_a_real_peft_model(glue_dir, tmp_p
 
 
 @pytest.mark.parametrize("override, message", [
-    (["--data.init_args.task", "mnli"], "task"),
+    (["--data.init_args.task", "mnli"], "\"task\": Expected a typing.Literal['sst2', 'rte', 'cola', 'mrpc', 'stsb', 'qnli']. Got value: mnli"),
+    (["--data.init_args.partition", "shards"], "\"partition\": Expected a typing.Literal["),
     (["--model.num_classes", "3"], "num_classes"),
     (["--model.network_kwargs.adapter", "{type: lora, r: 2, target_modules: [nothing_here]}"], "nothing_here"),
     (["--federation.algorithm.class_path", "fedmoe.algorithms.lora.fedex.NoSuchRule"], "NoSuchRule"),
