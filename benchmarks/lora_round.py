@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from fedmoe.algorithms.lora.fedex import FedExLoRA
 from fedmoe.algorithms.lora.fedit import FedIT
+from fedmoe.data.federated import client_seed
 from fedmoe.data.glue import GLUEDataModule
 from fedmoe.federation.loop import FederatedLoop, Federation
 from fedmoe.federation.recorder import RoundRecorder
@@ -120,7 +121,7 @@ class EngineSide:
 class BareSide:
     """The same local training with PEFT and a plain loop, then FedIT's weighted mean."""
 
-    def __init__(self, dm: GLUEDataModule) -> None:
+    def __init__(self, dm: GLUEDataModule, seed: int) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForSequenceClassification
 
@@ -131,25 +132,28 @@ class BareSide:
         self.params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
         self.global_weights = {k: p.detach().clone() for k, p in self.params.items()}
         self.dm = dm
+        self.seed = seed
         self.last_loss = float("nan")
 
     def round(self, r: int) -> dict[str, float]:
         t0 = time.perf_counter()
         results, losses = [], []
-        for dataset in self.dm.splits.client_train:
+        for cid, dataset in enumerate(self.dm.splits.client_train):
             with torch.no_grad():
                 for k, p in self.params.items():
                     p.copy_(self.global_weights[k])
             self.model.train()
             opt = torch.optim.AdamW(self.params.values(), lr=LR)
             total, count = 0.0, 0
-            for x, y in self.dm.train_loader(dataset):
-                loss = F.cross_entropy(self.model(**x).logits, y)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                total += float(loss.detach())
-                count += 1
+            with torch.random.fork_rng():  # the engine's batches and dropout draws for this client and round
+                torch.manual_seed(client_seed(self.seed, r, cid, stream=1))
+                for x, y in self.dm.client_train_loader(cid, r, self.seed):
+                    loss = F.cross_entropy(self.model(**x).logits, y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    total += float(loss.detach())
+                    count += 1
             losses.append(total / max(count, 1))
             results.append(({k: p.detach().clone() for k, p in self.params.items()}, len(dataset)))
         n_total = sum(n for _, n in results)
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> float:
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory(prefix="lora_round_") as tmp:
         engine = EngineSide(dm, args.rule, Path(tmp) / "run")
-        bare = BareSide(dm)
+        bare = BareSide(dm, engine.loop.seed)
         try:
             r = 1
             we, _ = timed(engine, r, args.seed)
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> float:
                 rows.append((we, wb))
                 print(f"round {r:3d}   engine {we:7.3f} s (train+aggregate {pe['train']:.3f}, log+checkpoint "
                       f"{pe['after']:.3f})   bare {wb:7.3f} s   ratio {we / wb:.3f}   "
-                      f"train loss {engine.last_loss:.3f} / {bare.last_loss:.3f}")
+                      f"train loss {engine.last_loss:.5f} / {bare.last_loss:.5f}")
         finally:
             engine.close()
     med_e, med_b = (statistics.median(col) for col in zip(*rows))
