@@ -431,7 +431,7 @@ class FederatedLoop:
         for cid in ids:
             own = self.store.get_weights(cid) if self.algo.personalised else None
             plan = self.algo.configure_client(self.state, cid, own if own is not None else self.template)
-            down[cid] = 0 if not plan.transmit else num_bytes(plan.weights) if plan.wire_bytes is None else plan.wire_bytes
+            down[cid] = (num_bytes(plan.weights) if plan.wire_bytes is None else plan.wire_bytes) if plan.transmit else 0
             opt = self.store.get_optimizer(cid) if self.fed.persistent_optimizer else None
             tasks.append(ClientTask(cid, plan, opt, keep_optimizer=self.fed.persistent_optimizer, round=r, seed=self.seed))
         outcomes = self.fed.executor.run(tasks)
